@@ -1,0 +1,106 @@
+"""Per-image quality measures: PSNR, saturation at the range ends, and classifier accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["class_accuracy", "psnr", "saturation"]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image.
+
+        PSNR = 10 log10(data_range^2 / mean((a - b)^2))   (inf where the images are equal)
+
+    Args:
+        a: Tensor [N, ...].
+        b: Tensor with the same shape as `a`.
+        data_range: Peak-to-peak range of the values, 2.0 for [-1, 1], 1.0 for [0, 1], 255 for uint8.
+
+    Returns:
+        float32 tensor [N] in dB.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.ndim < 1 or a.shape[0] == 0:
+        raise ValueError(f"a must have a non-empty batch dimension, got shape {tuple(a.shape)}")
+    if data_range <= 0:
+        raise ValueError(f"data_range must be > 0, got {data_range}")
+    mse = (a.float() - b.float()).pow(2).reshape(a.shape[0], -1).mean(dim=1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def saturation(x: torch.Tensor) -> dict[str, float]:
+    """How much of an image batch sits at the ends of [-1, 1] (a symptom of over-guidance).
+
+    After clamping to [-1, 1], a pixel counts as clipped when |x| >= 1 - 1/255, i.e. it would land on 0 or 255
+    (give or take half a level) once saved.
+
+    Args:
+        x: Float tensor [N, ...] in (nominally) [-1, 1].
+
+    Returns:
+        dict with `frac_clipped` (fraction of clipped values, in [0, 1]) and `mean_abs` (mean |x| after clamping).
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty float tensor in [-1, 1], got {x.dtype} {tuple(x.shape)}")
+    clamped = x.float().clamp(-1.0, 1.0).abs()
+    return {
+        "frac_clipped": float((clamped >= 1.0 - 1.0 / 255.0).float().mean()),
+        "mean_abs": float(clamped.mean()),
+    }
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        f"classifier returned {type(output).__name__}; expected logits, an object with .logits or a tuple"
+    )
+
+
+@torch.no_grad()
+def class_accuracy(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor | Any, batch_size: int = 512
+) -> float:
+    """Fraction of images the classifier assigns to their intended label.
+
+    Args:
+        classifier: Module mapping float [B, C, H, W] in [-1, 1] to logits [B, num_classes] (a tensor, an object
+            with `.logits`, or a tuple whose first item is the logits).
+        images: float [N, C, H, W] in [-1, 1], or uint8 [N, C, H, W] in 0..255 (mapped by u / 127.5 - 1).
+        labels: int [N] target classes.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Accuracy in [0, 1].
+    """
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"images must be [N, C, H, W] with N = len(labels) = {labels.shape[0]}, got {tuple(images.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty; need at least one image for an accuracy")
+    was_training = classifier.training
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    correct = 0
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device)
+            batch = batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch.float()
+            pred = _logits(classifier(batch)).argmax(dim=1).cpu()
+            correct += int((pred == labels[start : start + batch_size]).sum())
+    finally:
+        classifier.train(was_training)
+    return correct / images.shape[0]

@@ -1,0 +1,199 @@
+"""Typed training configs: a dataclass per trainer, loaded from YAML, overridden from the command line.
+
+    cfg = parse_config(DiffusionTrainConfig, ["--config", "configs/x.yaml", "--max_train_steps", "20"])
+
+Unknown keys (in the YAML file or on the command line) and values of the wrong type raise ``ValueError`` naming
+the key; ``validate()`` on each dataclass checks ranges. The resolved config is saved beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings every trainer shares. Subclasses add their method's fields and extend ``validate``."""
+
+    output_dir: str = dataclasses.field(default="runs/default", metadata={"help": "checkpoints, logs and the final pipeline"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seeds init, data order and noise (per step and rank)"})
+    max_train_steps: int = dataclasses.field(default=1000, metadata={"help": "optimizer steps in total"})
+    train_batch_size: int = dataclasses.field(default=64, metadata={"help": "examples per process per micro-step"})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = dataclasses.field(default="constant", metadata={"help": "constant | cosine | linear (diffusers names)"})
+    lr_warmup_steps: int = dataclasses.field(default=0, metadata={"help": "linear warm-up steps"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    mixed_precision: str = dataclasses.field(default="no", metadata={"help": "no | fp16 | bf16"})
+    ema_decay: float = dataclasses.field(default=0.0, metadata={"help": "EMA decay of the weights (0 = no EMA)"})
+    checkpointing_steps: int = dataclasses.field(default=500, metadata={"help": "save a checkpoint every N steps"})
+    checkpoints_total_limit: int = dataclasses.field(default=3, metadata={"help": "keep the last K checkpoints"})
+    resume: str | None = dataclasses.field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    log_every: int = dataclasses.field(default=50, metadata={"help": "log loss every N steps"})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        _positive(self, "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                  "checkpoints_total_limit", "log_every")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
+        _choice(self, "mixed_precision", ("no", "fp16", "bf16"))
+        _choice(self, "lr_scheduler", ("constant", "constant_with_warmup", "cosine", "linear"))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("max_grad_norm, lr_warmup_steps and weight_decay must be >= 0")
+
+
+def _positive(cfg, *names):
+    for n in names:
+        if getattr(cfg, n) < 1:
+            raise ValueError(f"{n} must be >= 1; got {getattr(cfg, n)}")
+
+
+def _choice(cfg, name, allowed):
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _unknown(key: str, known: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r} in {where}{hint}; known keys: {', '.join(sorted(known))}")
+
+
+def _coerce(value, tp, key: str):
+    """Convert a YAML or command-line value to the field's type, or raise ``ValueError`` naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list; got {value!r}")
+        seq = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
+        return tuple(seq) if origin is tuple else seq
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in _TRUE | _FALSE:
+                return str(value).lower() in _TRUE
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}; got {value!r}") from None
+    return value
+
+
+def config_from_dict(cls, data: dict, where: str = "config"):
+    """Build and validate ``cls`` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in known:
+            raise _unknown(key, known, where)
+        kwargs[key] = _coerce(value, hints[key], key)
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Parse ``[--config FILE.yaml] [--key value | --key=value ...]`` into a validated ``cls`` instance.
+
+    Command-line values override the YAML file. ``--help`` prints every field with its default and help text.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(describe(cls))
+        raise SystemExit(0)
+    data: dict = {}
+    overrides: dict = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected argument {tok!r}; use --key value")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value")
+            val = argv[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        if key == "config":
+            path = Path(val)
+            if not path.is_file():
+                raise ValueError(f"config file {val!r} does not exist")
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {val!r} is not valid YAML: {err}") from err
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"config file {val!r} must hold a mapping of keys to values")
+            data.update(loaded or {})
+            where = val
+        else:
+            overrides[key] = val
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise _unknown(key, known, where)
+    for key in overrides:
+        if key not in known:
+            raise _unknown(key, known, "the command line")
+    data.update(overrides)
+    return config_from_dict(cls, data)
+
+
+def describe(cls) -> str:
+    lines = [f"{cls.__name__} keys (--key value):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name:<28} {default!r:<16} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg) -> dict:
+    out = {}
+    for k, v in dataclasses.asdict(cfg).items():
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def save_config(cfg, path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

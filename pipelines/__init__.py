@@ -1,0 +1,5 @@
+"""Diffusers pipelines of `gen`: thin loops that wire `gen` pieces together."""
+
+from .class_conditional import ClassConditionalPipeline, ClassConditionalPipelineOutput
+
+__all__ = ["ClassConditionalPipeline", "ClassConditionalPipelineOutput"]
