@@ -1,9 +1,13 @@
-"""Class-conditional image generation with classifier-free guidance (Ho & Salimans 2022).
+"""Class-conditional image generation with classifier-free guidance (Ho & Salimans 2022) or any `gen` guider.
 
 Works with a class-conditional ``UNet2DModel`` (``num_class_embeds = num_classes + 1``; the last index is the
-"null" class the network was trained on with label dropout) and any Diffusers scheduler. Guidance is applied in
-the network's own prediction space, ``uncond + w * (cond - uncond)`` (eq. 6 of the paper, with ``w = 1 + omega``):
-``w = 1`` is conditional sampling and skips the unconditional pass, ``w = 0`` is unconditional sampling.
+"null" class the network was trained on with label dropout) and any Diffusers scheduler.
+
+- ``guidance_scale=w`` (no guider): CFG in the network's own prediction space, ``uncond + w * (cond - uncond)``
+  (eq. 6 of the paper, with ``w = 1 + omega``); ``w = 1`` skips the unconditional pass, ``w = 0`` is unconditional.
+- ``guider=``: a ``gen.guidance`` guider (CFG, APG, AdaptiveGuidance, LinearAG, GuidanceInterval). Each step the
+  predictions are converted to x0/eps with ``gen.diffusion`` for the scheduler at hand, the guider combines them in
+  the space its paper uses and may skip unconditional passes; the result goes back to the network's space.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from gen.diffusion import make_scheduler
+from gen.diffusion import alpha_sigma, make_scheduler, prediction_type_of
 
 from ._loading import check_pipeline_folder
 
@@ -32,7 +36,7 @@ class ClassConditionalPipelineOutput(BaseOutput):
     evaluations per image (a guided step counts 2)."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    nfe: int
+    nfe: float
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -109,7 +113,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return labels.long(), labels.numel()
 
     @staticmethod
-    def _check_args(num_inference_steps, guidance_scale, output_type, generator, batch):
+    def _check_args(num_inference_steps, guidance_scale, output_type, generator, batch, guider=None):
+        if guider is not None:
+            from gen.guidance import Guider
+
+            if not isinstance(guider, Guider):
+                raise ValueError(f"guider must be a gen.guidance.Guider; got {type(guider).__name__}")
+            if guidance_scale != 1.0:
+                raise ValueError("give guidance_scale or guider, not both (the guider carries its own scale)")
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -131,6 +142,18 @@ class ClassConditionalPipeline(DiffusionPipeline):
         cond, uncond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond), 2
 
+    def _guided(self, x_in, t, labels, guider, step_index, num_steps, pred_type):
+        from gen.guidance.sampling import guided_prediction
+
+        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x_in.ndim, dtype=x_in.dtype, device=x_in.device)
+        null = torch.full_like(labels, self.null_class)
+
+        def net(x, tt, class_labels):
+            return self.unet(x, tt, class_labels=class_labels).sample
+
+        return guided_prediction(net, x_in, t, {"class_labels": labels}, {"class_labels": null}, guider, step_index,
+                                 num_steps, alpha, sigma, pred_type)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -142,6 +165,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
         batch_size: int | None = None,
+        guider=None,
         return_dict: bool = True,
     ):
         """Generate images.
@@ -155,11 +179,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` (``[N,H,W,C]`` float in [0,1]) or ``"pt"`` (``[N,C,H,W]`` in [0,1]).
             eta: DDIM stochasticity (ignored by schedulers without it).
             latents: optional initial noise ``[N,C,H,W]``.
+            guider: a ``gen.guidance.Guider`` instead of ``guidance_scale`` (reset at the start of every call).
         Returns:
-            ``ClassConditionalPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``.
+            ``ClassConditionalPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``; ``nfe`` is the mean number
+            of network evaluations per image (AG makes it fractional).
         """
         labels, batch = self._class_tensor(class_labels, batch_size)
-        self._check_args(num_inference_steps, guidance_scale, output_type, generator, batch)
+        self._check_args(num_inference_steps, guidance_scale, output_type, generator, batch, guider)
+        if guider is not None and labels is None:
+            raise ValueError("a guider needs class labels (the unconditional branch is the null class)")
         device, dtype = self._execution_device, self.unet.dtype
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
@@ -183,10 +211,18 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if "generator" in params:
             step_kwargs["generator"] = generator
         nfe = 0
+        if guider is not None:
+            guider.begin(batch, num_inference_steps)
+            pred_type = prediction_type_of(self.scheduler)
         # 2. denoising loop: prediction (with guidance) -> scheduler step
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t)
-            pred, evals = self._predict(x_in, t, labels, guidance_scale)
+            if guider is None:
+                pred, evals = self._predict(x_in, t, labels, guidance_scale)
+            else:
+                # second-order schedulers visit 2N-1 timesteps: map them monotonically onto steps 0..N-1
+                step_index = i * num_inference_steps // len(self.scheduler.timesteps)
+                pred, evals = self._guided(x_in, t, labels, guider, step_index, num_inference_steps, pred_type)
             nfe += evals
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
@@ -199,6 +235,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if output_type == "pil":
                 out = self.numpy_to_pil(out)
         self.maybe_free_model_hooks()
+        nfe = int(nfe) if float(nfe).is_integer() else round(nfe, 4)
         if not return_dict:
             return out, nfe
         return ClassConditionalPipelineOutput(images=out, nfe=nfe)

@@ -1,7 +1,7 @@
 """Guidance methods on denoised estimates: CFG, APG, Adaptive Guidance, LinearAG and the guidance interval.
 
-All share the ``Guider`` contract in ``base.py`` (``begin`` / ``uncond_mask`` / ``__call__``); ``build_guider``
-makes one by registry name.
+All share the ``Guider`` contract in ``base.py`` (``begin`` / ``uncond_mask`` / ``__call__``);
+``build_guider`` makes one by registry name.
 """
 
 from .adaptive import AdaptiveGuidance

@@ -19,10 +19,10 @@ class AdaptiveGuidance(GuiderWrapper):
         gamma > gamma_bar  =>  the sample is switched off for the rest of the run
 
     The step that triggers the switch is still guided (its uncond pass has been paid for); from the next step
-    index on the sample's unconditional pass is skipped (``uncond_mask`` False) and its guided x0 is ``cond.x0``
-    (a repeated index, as second-order samplers issue, still counts as the triggering step). The inner guider's
-    own mask is ANDed in, and only rows the pipeline actually evaluated are tested. Since gamma <= 1,
-    ``gamma_bar > 1`` never switches and reproduces the inner guider bit for bit.
+    index on the sample's unconditional pass is skipped (``uncond_mask`` False) and its guided x0 is
+    ``cond.x0`` (a repeated index, as second-order samplers issue, still counts as the triggering step). The
+    inner guider's own mask is ANDed in, and only rows the pipeline actually evaluated are tested. Since
+    gamma <= 1, ``gamma_bar > 1`` never switches and reproduces the inner guider bit for bit.
 
     Inner state: the inner guider runs on the full batch every step with switched-off rows fed ``uncond :=
     cond`` (d = 0), so per-sample state such as APG momentum stays aligned with the batch.
@@ -43,8 +43,14 @@ class AdaptiveGuidance(GuiderWrapper):
         inner_class: str | None = None,
         inner_config: dict | None = None,
     ):
-        if isinstance(gamma_bar, bool) or not isinstance(gamma_bar, (int, float)) or not math.isfinite(gamma_bar):
-            raise ValueError(f"gamma_bar must be a finite number (a cosine threshold, ~0.99); got {gamma_bar!r}")
+        if (
+            isinstance(gamma_bar, bool)
+            or not isinstance(gamma_bar, (int, float))
+            or not math.isfinite(gamma_bar)
+        ):
+            raise ValueError(
+                f"gamma_bar must be a finite number (a cosine threshold, ~0.99); got {gamma_bar!r}"
+            )
         self.gamma_bar = float(gamma_bar)
         self._init_inner(inner, inner_class, inner_config, gamma_bar=self.gamma_bar)
         self.switched_at = None

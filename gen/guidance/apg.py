@@ -11,8 +11,8 @@ from .base import Guider, Prediction, StepInfo, check_scale
 
 
 class APG(Guider):
-    """Adaptive Projected Guidance: CFG with the guidance direction momentum-averaged, norm-capped and split into
-    its parts parallel and orthogonal to the conditional prediction, the parallel part down-weighted by eta.
+    """Adaptive Projected Guidance: CFG whose guidance direction is momentum-averaged, norm-capped and split
+    into parts parallel and orthogonal to the conditional prediction, the parallel part weighted by eta.
 
         d = Dc - Du                                   (per sample, all of x0's non-batch dims, or `dims`)
         m <- d + beta m ;  d <- m                     (m = 0 at begin(); beta < 0 is "reverse momentum")
@@ -20,22 +20,22 @@ class APG(Guider):
         u = Dc / ||Dc|| ; d_par = <d, u> u ; d_orth = d - d_par        (float64, cast back to the input dtype)
         D_hat = Dc + (w - 1) (d_orth + eta d_par)
 
-    With eta = 1, beta = 0 and no threshold this is CFG. Everything but the projection runs in the input dtype.
-    Paper settings: eta = 0, beta = -0.5, r = 15 for SDXL (Table 10); r = 2.5 for EDM2.
+    With eta = 1, beta = 0 and no threshold this is CFG. All but the projection runs in the input dtype.
+    SDXL setting (paper Table 10, as quoted in diffusers#9626): eta = 0, beta = -0.5, r = 15.
 
     Parameter map (ours -> Diffusers ``AdaptiveProjectedGuidance`` -> ComfyUI ``APG`` node):
 
-    ================  ==================================================  =========================================
-    ours (paper)      diffusers.guiders.AdaptiveProjectedGuidance         ComfyUI APG node (comfy_extras/nodes_apg)
-    ================  ==================================================  =========================================
-    guidance_scale w  guidance_scale = w - 1 with                         sampler ``cfg`` = w - 1 (the node returns
-                      use_original_formulation=True (the default           a cond for which the sampler's CFG gives
-                      formulation Du + w (...) differs for eta != 1)       Dc + cfg (d_orth + eta d_par))
-    eta               eta                                                 eta
-    momentum (beta)   adaptive_projected_guidance_momentum (None = 0)     momentum (older versions: >= 0 only)
-    norm_threshold r  adaptive_projected_guidance_rescale (0 = off)       norm_threshold (0 = off)
-    dims              adaptive_projected_guidance_norm_dim                fixed to [-1, -2, -3]
-    ================  ==================================================  =========================================
+    ================  =============================================  ======================================
+    ours (paper)      diffusers AdaptiveProjectedGuidance            ComfyUI ``APG`` node (nodes_apg.py)
+    ================  =============================================  ======================================
+    guidance_scale w  guidance_scale = w - 1 and                     sampler ``cfg`` = w - 1 (the node makes
+                      use_original_formulation=True (the default     the sampler's CFG return
+                      Du + w (...) differs from the paper, eta != 1)  Dc + cfg (d_orth + eta d_par))
+    eta               eta                                            eta
+    momentum (beta)   adaptive_projected_guidance_momentum (None=0)  momentum (older versions: >= 0 only)
+    norm_threshold r  adaptive_projected_guidance_rescale (0 = off)  norm_threshold (0 = off)
+    dims              adaptive_projected_guidance_norm_dim           fixed to [-1, -2, -3]
+    ================  =============================================  ======================================
 
     Diffusers applies the guider to whatever the network outputs (eps, v, ...); it matches us only when it is
     fed x0 predictions (``to_diffusers_kwargs`` / ``to_diffusers``). ComfyUI's node already sees x0.
@@ -64,11 +64,15 @@ class APG(Guider):
         if not (math.isfinite(momentum) and abs(momentum) < 1):
             raise ValueError(f"momentum (beta) must satisfy |momentum| < 1; got {momentum!r}")
         if norm_threshold is not None and not (math.isfinite(norm_threshold) and norm_threshold > 0):
-            raise ValueError(f"norm_threshold (r) must be a finite number > 0 or None; got {norm_threshold!r}")
+            raise ValueError(
+                f"norm_threshold (r) must be a finite number > 0 or None; got {norm_threshold!r}"
+            )
         if dims is not None:
             dims = list(dims)
             if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d == 0 for d in dims):
-                raise ValueError(f"dims must be a non-empty list of non-batch dims (ints != 0) or None; got {dims!r}")
+                raise ValueError(
+                    f"dims must be a non-empty list of non-batch dims (ints != 0) or None; got {dims!r}"
+                )
         self.eta = float(eta)
         self.momentum = float(momentum)
         self.norm_threshold = None if norm_threshold is None else float(norm_threshold)
@@ -118,13 +122,15 @@ class APG(Guider):
         return dc + (self.guidance_scale - 1.0) * (d_orth + self.eta * d_par)
 
     def to_diffusers_kwargs(self) -> dict:
-        """Kwargs of ``diffusers.guiders.AdaptiveProjectedGuidance`` giving this exact update when it is fed x0
-        predictions (not eps/v: Diffusers guides the raw network output)."""
+        """Kwargs of ``diffusers.guiders.AdaptiveProjectedGuidance`` giving this exact update when it is fed
+        x0 predictions (not eps/v: Diffusers guides the raw network output)."""
         return {
             "guidance_scale": self.guidance_scale - 1.0,
             "use_original_formulation": True,
             "adaptive_projected_guidance_momentum": self.momentum if self.momentum != 0.0 else None,
-            "adaptive_projected_guidance_rescale": self.norm_threshold if self.norm_threshold is not None else 0.0,
+            "adaptive_projected_guidance_rescale": self.norm_threshold
+            if self.norm_threshold is not None
+            else 0.0,
             "eta": self.eta,
             "adaptive_projected_guidance_norm_dim": None if self.dims is None else list(self.dims),
         }

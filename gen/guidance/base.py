@@ -1,4 +1,4 @@
-"""The guider contract shared by every guidance method, plus the plumbing for guiders that wrap another guider.
+"""The guider contract shared by every guidance method, plus the plumbing for guiders wrapping a guider.
 
 A pipeline drives a guider once per sampling run like this::
 
@@ -7,14 +7,14 @@ A pipeline drives a guider once per sampling run like this::
         info = StepInfo(k, num_inference_steps, t, sigma)         # sigma: [B] Karras level sigma_t / alpha_t
         cond = Prediction(x0=..., eps=...)                          # conditional branch, full batch
         mask = guider.uncond_mask(info)                             # [B] bool: rows needing the uncond pass
-        uncond = Prediction(...) if mask.any() else None            # rows where mask is False hold cond values
+        uncond = Prediction(...) if mask.any() else None            # unmasked rows: cond values
         x0_guided = guider(cond, uncond, info)                      # [B, ...], dtype of cond.x0
 
-Guiders work on denoised estimates ``x0`` (APG needs them, and the guidance interval and LinearAG are simplest
-there); the pipeline converts the network output to ``(x0, eps)`` and the guided ``x0`` back (``gen.diffusion``).
-Settings are ``__init__`` arguments registered in a Diffusers ``ConfigMixin`` config (``guider_config.json``), so
-``save_pretrained`` / ``from_pretrained`` / ``from_config`` work; run state lives in plain attributes that
-``begin`` resets.
+Guiders work on denoised estimates ``x0`` (APG needs them, and the guidance interval and LinearAG are
+simplest there); the pipeline converts the network output to ``(x0, eps)`` and the guided ``x0`` back
+(``gen.diffusion``). Settings are ``__init__`` arguments registered in a Diffusers ``ConfigMixin`` config
+(``guider_config.json``), so ``save_pretrained`` / ``from_pretrained`` / ``from_config`` work; run state lives
+in plain attributes that ``begin`` resets.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
@@ -48,7 +48,7 @@ class StepInfo:
     """Where the sampler stands when it asks for guidance.
 
     Args:
-        step_index: ``0 .. num_inference_steps - 1``; second-order samplers may repeat an index (two calls a step).
+        step_index: ``0 .. num_inference_steps - 1``; second-order samplers may repeat an index.
         num_inference_steps: steps of this run.
         timestep: scheduler timestep (scalar tensor).
         sigma: ``[B]`` (or scalar) Karras noise level ``sigma_t / alpha_t`` of the current ``x_t``.
@@ -62,7 +62,12 @@ class StepInfo:
 
 def check_scale(name: str, value: float) -> float:
     """Validate a guidance scale: a finite real number >= 0 (1 means no guidance, 0 means unconditional)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
     return float(value)
 
@@ -78,8 +83,8 @@ class Guider(ConfigMixin):
 
     Run state (momentum, switched-off samples, regression history) is reset by ``begin``. Calling
     ``uncond_mask`` or ``__call__`` before ``begin``, with another batch size or step count, or with a
-    ``step_index`` that goes backwards (a new run without ``begin``) raises ``ValueError``. Repeating an index is
-    allowed (second-order samplers).
+    ``step_index`` that goes backwards (a new run without ``begin``) raises ``ValueError``. Repeating an index
+    is allowed (second-order samplers).
     """
 
     config_name = "guider_config.json"
@@ -88,13 +93,15 @@ class Guider(ConfigMixin):
         super().__init_subclass__(**kwargs)
         _GUIDER_CLASSES[cls.__name__] = cls
 
-    # --- persistence (as diffusers.guiders.BaseGuidance) ----------------------------------------------------------
+    # --- persistence (as diffusers.guiders.BaseGuidance) ----------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write ``guider_config.json`` (settings only, no run state) to ``save_directory``."""
         self.save_config(save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ):
         """Load a guider saved by ``save_pretrained``; ``Guider.from_pretrained`` picks the saved class."""
         config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         target = guider_class(config["_class_name"]) if cls is Guider else cls
@@ -102,15 +109,16 @@ class Guider(ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """``ConfigMixin.from_config``, but every stored value is used: Diffusers' decorator lists arguments given
-        positionally in ``_use_default_values``, so ``from_config(CFG(2.0).config)`` would otherwise give w = 5."""
+        """``ConfigMixin.from_config``, but every stored value is used: Diffusers' decorator lists
+        arguments given positionally in ``_use_default_values``, so ``from_config(CFG(2.0).config)`` would
+        otherwise give w = 5."""
         if config is not None:
             config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
-    # --- run lifecycle -------------------------------------------------------------------------------------------
+    # --- run lifecycle --------------------------------------------------------------------------------------
     def begin(self, batch_size: int, num_inference_steps: int) -> None:
-        """Start a sampling run of ``batch_size`` samples and ``num_inference_steps`` steps; resets all state."""
+        """Start a run of ``batch_size`` samples and ``num_inference_steps`` steps; resets all run state."""
         for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -144,10 +152,12 @@ class Guider(ConfigMixin):
                 f"{tuple(uncond.x0.shape)} and {tuple(uncond.eps.shape)}"
             )
         if uncond is None and bool(self._uncond_mask(info).any()):
-            raise ValueError("uncond is None but uncond_mask(info) asked for the unconditional pass of some rows")
+            raise ValueError(
+                "uncond is None but uncond_mask(info) asked for the unconditional pass of some rows"
+            )
         return self._guide(cond, uncond, info)
 
-    # --- subclass hooks ------------------------------------------------------------------------------------------
+    # --- subclass hooks -------------------------------------------------------------------------------------
     def _reset(self, batch_size: int, num_inference_steps: int) -> None:
         """Clear run state (called by ``begin``)."""
 
@@ -157,7 +167,7 @@ class Guider(ConfigMixin):
     def _guide(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
 
-    # --- helpers -------------------------------------------------------------------------------------------------
+    # --- helpers --------------------------------------------------------------------------------------------
     @staticmethod
     def _device(info: StepInfo) -> torch.device:
         for value in (info.sigma, info.timestep):
@@ -171,7 +181,9 @@ class Guider(ConfigMixin):
     def _check_step(self, info: StepInfo) -> int:
         run = getattr(self, "_run", None)
         if run is None:
-            raise ValueError(f"{type(self).__name__} was used without begin(); call begin() before each sampling run")
+            raise ValueError(
+                f"{type(self).__name__} was used without begin(); call begin() before each sampling run"
+            )
         if info.num_inference_steps != run["num_inference_steps"]:
             raise ValueError(
                 f"info.num_inference_steps={info.num_inference_steps} but begin() was given "
@@ -190,7 +202,8 @@ class Guider(ConfigMixin):
         sigma = info.sigma
         if isinstance(sigma, torch.Tensor) and sigma.numel() not in (1, run["batch_size"]):
             raise ValueError(
-                f"info.sigma has {sigma.numel()} entries but begin() was given batch_size={run['batch_size']}; "
+                f"info.sigma has {sigma.numel()} entries but begin() was given "
+                f"batch_size={run['batch_size']}; "
                 "call begin() before each sampling run"
             )
         run["step_index"] = info.step_index
@@ -200,7 +213,9 @@ class Guider(ConfigMixin):
 def guider_class(name: str) -> type[Guider]:
     """The ``Guider`` subclass called ``name`` (class name, as stored in ``inner_class``)."""
     if name not in _GUIDER_CLASSES:
-        raise ValueError(f"inner_class={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}")
+        raise ValueError(
+            f"inner_class={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}"
+        )
     return _GUIDER_CLASSES[name]
 
 
@@ -216,15 +231,16 @@ def _plain(value: Any) -> Any:
 class GuiderWrapper(Guider):
     """A guider that gates an ``inner`` guider per sample (AdaptiveGuidance, GuidanceInterval).
 
-    The inner guider is serialised as two config entries, ``inner_class`` (its class name) and ``inner_config``
-    (its config dict), so nested wrappers save and load. Construct with either ``inner=`` or those two.
+    The inner guider is serialised as two config entries, ``inner_class`` (its class name) and
+    ``inner_config`` (its config dict), so nested wrappers save and load. Construct with either ``inner=``
+    or those two.
 
     Gating rule: the inner guider is called on the *full* batch every step, with the uncond rows of gated-off
     samples replaced by their cond rows (so they contribute ``d = Dc - Du = 0``; APG's momentum stays
     per-sample consistent), and the gated-off rows of the result are replaced by ``cond.x0``.
     """
 
-    ignore_for_config = ["inner"]
+    ignore_for_config: ClassVar[list[str]] = ["inner"]
 
     def _init_inner(self, inner: Guider | None, inner_class: str | None, inner_config: dict | None, **config):
         if inner is not None:
@@ -259,7 +275,9 @@ class GuiderWrapper(Guider):
             uncond = cond
         elif not bool(gate.all()):
             g = rows(gate, cond.x0)
-            uncond = Prediction(x0=torch.where(g, uncond.x0, cond.x0), eps=torch.where(g, uncond.eps, cond.eps))
+            uncond = Prediction(
+                x0=torch.where(g, uncond.x0, cond.x0), eps=torch.where(g, uncond.eps, cond.eps)
+            )
         guided = self.inner(cond, uncond, info)
         if bool(gate.all()):
             return guided

@@ -1,4 +1,5 @@
-"""Guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724): guide only in a middle band of noise levels."""
+"""Guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724): guide only in a middle band of noise
+levels."""
 
 from __future__ import annotations
 
@@ -37,10 +38,17 @@ class GuidanceInterval(GuiderWrapper):
         inner_config: dict | None = None,
     ):
         for name, value in (("sigma_lo", sigma_lo), ("sigma_hi", sigma_hi)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or math.isnan(value)
+                or value < 0
+            ):
                 raise ValueError(f"{name} must be a number >= 0; got {value!r}")
         if not (math.isfinite(sigma_lo) and sigma_lo < sigma_hi):
-            raise ValueError(f"need a finite sigma_lo < sigma_hi; got sigma_lo={sigma_lo!r}, sigma_hi={sigma_hi!r}")
+            raise ValueError(
+                f"need a finite sigma_lo < sigma_hi; got sigma_lo={sigma_lo!r}, sigma_hi={sigma_hi!r}"
+            )
         self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
         self._init_inner(inner, inner_class, inner_config, sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
 

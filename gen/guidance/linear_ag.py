@@ -1,6 +1,6 @@
 """LinearAG (Castillo et al. 2023, arXiv 2312.12487, sec. on LinearAG): replace the unconditional pass by an
-affine combination of earlier predictions, with per-step coefficients fitted offline by least squares on recorded
-CFG trajectories."""
+affine combination of earlier predictions, with per-step coefficients fitted offline by least squares on
+recorded CFG trajectories."""
 
 from __future__ import annotations
 
@@ -26,17 +26,18 @@ class LinearAG(Guider):
         Du_hat[k] = b[k,0] Dc[k] + b[k,1] Dc[k-1] + b[k,2] Du[k-1]      (no bias term)
         D[k]      = Dc[k] + (w - 1) (Dc[k] - Du_hat[k])
 
-    Space: the regression is done on the x0 predictions (``Prediction.x0``), the space the guided output lives
-    in, so no x_t / alpha / sigma is needed to turn the estimate into the output, and the least-squares error is
-    exactly the error of the guided x0 (up to the factor w - 1). ``Du[k-1]`` is the real unconditional x0 on exact
-    steps and the previous estimate afterwards (the fit uses real ones: the estimate drifts from CFG, as the paper
-    notes). The paper's eps-space regression is not used: turning an eps estimate into x0 needs
-    ``sigma_t / alpha_t``, which is infinite at the first step of rectified-flow schedules.
+    Space: the regression is done on the x0 predictions (``Prediction.x0``), the space the guided output
+    lives in, so no x_t / alpha / sigma is needed to turn the estimate into the output, and the least-squares
+    error is exactly the error of the guided x0 (up to the factor w - 1). ``Du[k-1]`` is the real
+    unconditional x0 on exact steps and the previous estimate afterwards (the fit uses real ones: the estimate
+    drifts from CFG, as the paper notes). Regressing eps instead (the paper's models predict eps) is not done
+    here: turning an eps estimate into x0 needs ``sigma_t / alpha_t``, which is infinite at the first step of
+    rectified-flow schedules.
 
     Steps ``k < num_exact_steps`` evaluate the unconditional pass (``uncond_mask`` True) and apply plain CFG.
     First-step fallback: at k = 0 there is no history, so ``Du_hat[0] = b[0,0] Dc[0]`` (``fit_linear_ag`` fits
-    only that coefficient and stores 0 for the others). "Previous step" means the last step index called before
-    k (the later call of a repeated index wins).
+    only that coefficient and stores 0 for the others). "Previous step" means the last step index called
+    before k (the later call of a repeated index wins).
 
     Args:
         guidance_scale: w >= 0, finite.
@@ -55,12 +56,20 @@ class LinearAG(Guider):
         num_exact_steps: int = 0,
     ):
         self.guidance_scale = check_scale("guidance_scale", guidance_scale)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
-        if isinstance(num_exact_steps, bool) or not isinstance(num_exact_steps, int):
-            raise ValueError(f"num_exact_steps must be an int; got {num_exact_steps!r}")
-        if not 0 <= num_exact_steps <= num_inference_steps:
-            raise ValueError(f"num_exact_steps must lie in [0, {num_inference_steps}]; got {num_exact_steps}")
+        if (
+            isinstance(num_exact_steps, bool)
+            or not isinstance(num_exact_steps, int)
+            or not 0 <= num_exact_steps <= num_inference_steps
+        ):
+            raise ValueError(
+                f"num_exact_steps must be an int in [0, {num_inference_steps}]; got {num_exact_steps!r}"
+            )
         rows = [list(map(float, row)) for row in coefficients]
         if len(rows) != num_inference_steps or any(len(r) != len(REGRESSORS) for r in rows):
             raise ValueError(
@@ -76,7 +85,10 @@ class LinearAG(Guider):
 
     @classmethod
     def from_trajectories(
-        cls, trajectories: Sequence[dict[str, torch.Tensor]], guidance_scale: float = 5.0, num_exact_steps: int = 0
+        cls,
+        trajectories: Sequence[dict[str, torch.Tensor]],
+        guidance_scale: float = 5.0,
+        num_exact_steps: int = 0,
     ) -> LinearAG:
         """Fit coefficients on recorded trajectories (see ``fit_linear_ag``) and build the guider."""
         coefficients = fit_linear_ag(trajectories)
@@ -90,8 +102,8 @@ class LinearAG(Guider):
     def begin(self, batch_size: int, num_inference_steps: int) -> None:
         if num_inference_steps != self.num_inference_steps:
             raise ValueError(
-                f"LinearAG coefficients were fitted for {self.num_inference_steps} steps; got {num_inference_steps} "
-                "(num_inference_steps)"
+                f"LinearAG coefficients were fitted for {self.num_inference_steps} steps; "
+                f"got {num_inference_steps} (num_inference_steps)"
             )
         super().begin(batch_size, num_inference_steps)
 
@@ -127,10 +139,11 @@ def fit_linear_ag(
 ) -> list[list[float]]:
     """Least-squares LinearAG coefficients, one row per step, over all samples and pixels.
 
-        b[k] = argmin_b || Du[k] - sum_j b_j h_j[k] ||^2,   h[k] = [Dc[k], Dc[k-1], Du[k-1]]   (h[0] = [Dc[0]])
+        b[k] = argmin_b || Du[k] - sum_j b_j h_j[k] ||^2,   h[k] = [Dc[k], Dc[k-1], Du[k-1]],  h[0] = [Dc[0]]
 
-    Solved in float64 and streamed over samples: the QR factor R of the stacked ``[H | y]`` is updated one chunk of
-    samples at a time, then ``torch.linalg.lstsq(R_H, R_y)`` (rank-deficient steps get the minimum-norm solution).
+    Solved in float64 and streamed over samples: the QR factor R of the stacked ``[H | y]`` is updated one
+    chunk of samples at a time, then ``torch.linalg.lstsq(R_H, R_y)`` (rank-deficient steps get the
+    minimum-norm solution).
     This equals lstsq on the full stacked system without holding N x pixels x 3 float64 values.
 
     Args:
@@ -141,7 +154,9 @@ def fit_linear_ag(
         ``len(trajectories)`` rows of 3 floats (``REGRESSORS`` order; row 0 is ``[b, 0, 0]``).
     """
     if num_inference_steps is not None and num_inference_steps != len(trajectories):
-        raise ValueError(f"num_inference_steps={num_inference_steps} but got {len(trajectories)} trajectory steps")
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} but got {len(trajectories)} trajectory steps"
+        )
     if len(trajectories) == 0:
         raise ValueError("trajectories is empty; need one {'cond', 'uncond'} dict per step")
     shape = None
@@ -151,7 +166,9 @@ def fit_linear_ag(
         for key in ("cond", "uncond"):
             shape = shape or tuple(step[key].shape)
             if tuple(step[key].shape) != shape:
-                raise ValueError(f"trajectories[{k}][{key!r}] has shape {tuple(step[key].shape)}, expected {shape}")
+                raise ValueError(
+                    f"trajectories[{k}][{key!r}] has shape {tuple(step[key].shape)}, expected {shape}"
+                )
     n = shape[0]
     chunk = max(1, (1 << 20) // max(1, math.prod(shape[1:])))
     coefficients = []

@@ -1,0 +1,62 @@
+"""Smoke tests of the eval/ scripts: tiny settings, the artefacts exist and hold what they claim."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from gen.guidance import LinearAG
+from gen.models.unet import tiny_unet
+from pipelines import ClassConditionalPipeline
+from tests.conftest import ROOT, load_script
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    ClassConditionalPipeline(tiny_unet().eval(), DDIMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(path)
+    return str(path)
+
+
+def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
+    lag_dir = tmp_path / "lag"
+    guider = load_script("eval/calibrate_linear_ag.py").main(
+        ["--pipeline", tiny_pipeline, "--steps", "3", "--num_samples", "12", "--num_exact_steps", "1",
+         "--out", str(lag_dir)])
+    assert isinstance(LinearAG.from_pretrained(lag_dir), LinearAG)
+    assert guider.config.num_inference_steps == 3 and len(guider.config.coefficients) == 3
+    meta = json.loads((lag_dir / "calibration.json").read_text())
+    assert len(meta["relative_residual_per_step"]) == 3
+
+    out = tmp_path / "g"
+    res = load_script("eval/guidance.py").main(
+        ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
+         "--ag_scale", "2", "--ag_gamma_bars", "-1", "--linear_ag", str(lag_dir), "--out", str(out)])
+    assert (out / "guidance.png").stat().st_size > 1000 and (out / "rows.md").is_file()
+    assert [(r["method"], r["guidance_scale"]) for r in res["scales"]] == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
+    ag, lag = res["adaptive"]
+    assert ag["nfe"] == pytest.approx(3 + 1)      # gamma_bar=-1: every sample switches after step 0
+    assert lag["nfe"] == pytest.approx(3 + 1)     # one exact step
+    assert 0 <= res["scales"][0]["frac_clipped"] <= 1
+
+
+def test_bench_teacher_and_demo_smoke(tiny_pipeline, tmp_path):
+    res = load_script("eval/bench_teacher.py").main(
+        ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "2", "--guidance_scales", "1", "2",
+         "--bench_batch", "2", "--bench_steps", "2", "--bench_repeats", "1", "--out", str(tmp_path / "b.json")])
+    assert [r["steps"] for r in res["quality"]] == [None, 2, 2]
+    assert res["quality"][0]["source"].startswith("digits16-train")
+    assert res["overhead"]["ours_median_s"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["overhead"]["batch"] == 2
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "digits-teacher" / "model_index.json").is_file(),
+                    reason="shipped teacher not present")
+def test_demo_on_shipped_teacher(tmp_path):
+    summary = load_script("eval/demo.py").main(["--out", str(tmp_path), "--steps", "3", "--num_fid_samples", "20"])
+    assert (tmp_path / "digits_grid.png").stat().st_size > 1000
+    fid = json.loads((tmp_path / "fid_digits.json").read_text())
+    assert fid["n"] == 20 and fid["fid"] > 0 and 0 <= fid["class_accuracy"] <= 1
+    assert "teacher" in summary
