@@ -105,8 +105,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="outputs/bench_teacher.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"{platform.processor() or 'cpu'}", "torch": torch.__version__, "command": " ".join(sys.argv)}
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}"
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "torch": torch.__version__,
+              "command": " ".join(sys.argv)}
     if not args.skip_quality:
         result["quality"] = quality(args)
     result["overhead"] = overhead(args)

@@ -3,7 +3,8 @@
 Examples (from the repository root):
 
     # reference statistics of the digits test split in the digits-classifier feature space
-    python eval/fid.py --dataset digits16-test --features digits --write_ref checkpoints/fid-refs/digits16-test-digits.npz
+    python eval/fid.py --dataset digits16-test --features digits \
+        --write_ref checkpoints/fid-refs/digits16-test-digits.npz
     # 1000 balanced samples of a pipeline, 25 DDIM steps, against the test split
     python eval/fid.py --pipeline checkpoints/digits-teacher --steps 25 --ref test --out outputs/fid.json
     # a folder of PNGs, Inception features (reference computed and cached on first use)

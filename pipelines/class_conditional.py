@@ -62,10 +62,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         check_pipeline_folder(pretrained_model_name_or_path)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except (OSError, EnvironmentError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError) as err:
             raise ValueError(f"could not load a pipeline from {str(pretrained_model_name_or_path)!r}: {err}") from err
 
-    def use_scheduler(self, name: str, **overrides) -> "ClassConditionalPipeline":
+    def use_scheduler(self, name: str, **overrides) -> ClassConditionalPipeline:
         """Swap in the scheduler registered as ``name`` (see ``gen.diffusion.SCHEDULERS``), keeping the noise
         schedule of the current one. Returns ``self``."""
         self.scheduler = make_scheduler(name, self.scheduler.config, **overrides)

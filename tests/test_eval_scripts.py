@@ -35,7 +35,8 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
         ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
          "--ag_scale", "2", "--ag_gamma_bars", "-1", "--linear_ag", str(lag_dir), "--out", str(out)])
     assert (out / "guidance.png").stat().st_size > 1000 and (out / "rows.md").is_file()
-    assert [(r["method"], r["guidance_scale"]) for r in res["scales"]] == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
+    runs = [(r["method"], r["guidance_scale"]) for r in res["scales"]]
+    assert runs == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
     ag, lag = res["adaptive"]
     assert ag["nfe"] == pytest.approx(3 + 1)      # gamma_bar=-1: every sample switches after step 0
     assert lag["nfe"] == pytest.approx(3 + 1)     # one exact step

@@ -67,7 +67,8 @@ def test_train_smoke_saves_a_loadable_pipeline(tmp_path):
     assert [r["step"] for r in logs] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     pipe = ClassConditionalPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=2.0, output_type="np").images.shape == (2, 16, 16, 1)
+    images = pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=2.0, output_type="np").images
+    assert images.shape == (2, 16, 16, 1)
 
 
 class _Killed(Exception):
@@ -136,7 +137,8 @@ def test_partial_and_corrupt_checkpoints(tmp_path):
 
 
 def test_keep_last_k(tmp_path):
-    out = _train(tmp_path / "r", "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+    out = _train(tmp_path / "r", "--max_train_steps", "4", "--checkpointing_steps", "1",
+                 "--checkpoints_total_limit", "2")
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 4]
 
 

@@ -39,7 +39,8 @@ class DiffusionTrainConfig(TrainConfig):
     random_flip: bool = False
     unet_preset: str = dataclasses.field(default="digits", metadata={"help": "digits | tiny"})
     num_train_timesteps: int = 1000
-    beta_schedule: str = dataclasses.field(default="squaredcos_cap_v2", metadata={"help": "linear | scaled_linear | squaredcos_cap_v2"})
+    beta_schedule: str = dataclasses.field(default="squaredcos_cap_v2",
+                                           metadata={"help": "linear | scaled_linear | squaredcos_cap_v2"})
     prediction_type: str = dataclasses.field(default="epsilon", metadata={"help": "epsilon | v_prediction | sample"})
     label_dropout: float = dataclasses.field(default=0.1, metadata={"help": "P(label -> null class) for CFG"})
     inference_scheduler: str = dataclasses.field(default="ddim", metadata={"help": "scheduler saved with the pipeline"})
@@ -141,8 +142,6 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    from gen.cli import run_main
+
+    run_main(main)

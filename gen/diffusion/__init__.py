@@ -4,9 +4,9 @@ from .conversions import (
     PREDICTION_TYPES,
     alpha_sigma,
     convert_prediction,
+    from_x0_eps,
     prediction_type_of,
     to_x0_eps,
-    from_x0_eps,
 )
 from .schedulers import SCHEDULERS, make_scheduler
 

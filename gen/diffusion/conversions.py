@@ -83,7 +83,8 @@ def to_x0_eps(pred: torch.Tensor, pred_type: str, x_t: torch.Tensor, alpha, sigm
 
     - epsilon: ``x0 = (x_t - sigma eps) / alpha``
     - sample: ``eps = (x_t - alpha x0) / sigma``
-    - v_prediction: ``x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)``, ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``
+    - v_prediction: ``x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)``,
+      ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``
     - flow: ``x0 = (x_t - sigma u) / (alpha + sigma)``, ``eps = (x_t + alpha u) / (alpha + sigma)``
     """
     _check_type(pred_type, "pred_type")

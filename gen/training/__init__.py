@@ -1,8 +1,8 @@
 """Shared Accelerate training pieces: typed configs, atomic checkpoints and resume, EMA, the loop."""
 
+from .batches import draw_batch
 from .checkpoint import CheckpointManager, atomic_write_text, list_checkpoints
 from .config import TrainConfig, config_from_dict, config_to_dict, parse_config, save_config
-from .batches import draw_batch
 from .ema import EMA
 from .loop import TrainLoop, make_accelerator, step_generator
 

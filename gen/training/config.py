@@ -24,13 +24,15 @@ _FALSE = {"false", "0", "no", "off"}
 class TrainConfig:
     """Settings every trainer shares. Subclasses add their method's fields and extend ``validate``."""
 
-    output_dir: str = dataclasses.field(default="runs/default", metadata={"help": "checkpoints, logs and the final pipeline"})
+    output_dir: str = dataclasses.field(default="runs/default",
+                                        metadata={"help": "checkpoints, logs and the final pipeline"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seeds init, data order and noise (per step and rank)"})
     max_train_steps: int = dataclasses.field(default=1000, metadata={"help": "optimizer steps in total"})
     train_batch_size: int = dataclasses.field(default=64, metadata={"help": "examples per process per micro-step"})
     gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "micro-steps per optimizer step"})
     learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = dataclasses.field(default="constant", metadata={"help": "constant | cosine | linear (diffusers names)"})
+    lr_scheduler: str = dataclasses.field(default="constant",
+                                          metadata={"help": "constant | cosine | linear (diffusers names)"})
     lr_warmup_steps: int = dataclasses.field(default=0, metadata={"help": "linear warm-up steps"})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -85,7 +87,7 @@ def _coerce(value, tp, key: str):
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (str,)
         if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r} expects a list; got {value!r}")
         seq = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
