@@ -26,3 +26,13 @@ def check_pipeline_folder(path) -> None:
         raise ValueError(f"pipeline path {str(path)!r} is a file, not a pipeline folder")
     if not (p / "model_index.json").is_file():
         raise ValueError(f"{str(path)!r} is not a pipeline folder: it has no model_index.json")
+
+
+def guarded_from_pretrained(load, path, **kwargs):
+    """Call ``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) after :func:`check_pipeline_folder`;
+    loading failures (corrupt weights, missing files, an unreachable hub) become a ``ValueError`` naming ``path``."""
+    check_pipeline_folder(path)
+    try:
+        return load(path, **kwargs)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise ValueError(f"could not load a pipeline from {str(path)!r}: {err}") from err

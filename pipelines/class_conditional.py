@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from gen.diffusion import alpha_sigma, make_scheduler, prediction_type_of
 
-from ._loading import check_pipeline_folder
+from ._loading import guarded_from_pretrained
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -59,11 +59,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a hub id; a missing or broken local folder raises ``ValueError``."""
-        check_pipeline_folder(pretrained_model_name_or_path)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except (OSError, KeyError, RuntimeError) as err:
-            raise ValueError(f"could not load a pipeline from {str(pretrained_model_name_or_path)!r}: {err}") from err
+        return guarded_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
 
     def use_scheduler(self, name: str, **overrides) -> ClassConditionalPipeline:
         """Swap in the scheduler registered as ``name`` (see ``gen.diffusion.SCHEDULERS``), keeping the noise

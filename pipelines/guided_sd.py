@@ -20,7 +20,7 @@ from gen.diffusion import alpha_sigma, prediction_type_of
 from gen.guidance import CFG, Guider
 from gen.guidance.sampling import guided_prediction
 
-from ._loading import check_pipeline_folder
+from ._loading import guarded_from_pretrained
 
 
 @dataclass
@@ -42,8 +42,8 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        check_pipeline_folder(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load from a local folder or a hub id; a missing or broken local folder raises ``ValueError``."""
+        return guarded_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
 
     @torch.no_grad()
     def __call__(

@@ -154,3 +154,6 @@ def test_sd_round_trip_and_errors(sd_parts, tmp_path):
         pipe(guidance_scale=float("inf"), **SD_KW)
     with pytest.raises(ValueError, match="does not exist"):
         GuidedStableDiffusionPipeline.from_pretrained(str(tmp_path / "missing"))
+    next((tmp_path / "sd" / "unet").glob("*.safetensors")).write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="could not load a pipeline"):
+        GuidedStableDiffusionPipeline.from_pretrained(tmp_path / "sd")
