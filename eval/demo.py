@@ -81,14 +81,15 @@ def section_guidance(out: Path, args) -> dict:
 
     w_ag = args.guidance_scale
     base = run(CFG(guidance_scale=w_ag))
-    ag = run(AdaptiveGuidance(inner=CFG(guidance_scale=w_ag), gamma_bar=settings["ag"]["gamma_bar"]))
+    ag = run(AdaptiveGuidance(inner=CFG(guidance_scale=w_ag), **settings["ag"]))
     result = {"high_scale": w, "apg": apg_kw, "saturation": sat, "ag": {
-        "guidance_scale": w_ag, "gamma_bar": settings["ag"]["gamma_bar"], "nfe_cfg": base.nfe, "nfe_ag": ag.nfe,
+        "guidance_scale": w_ag, **settings["ag"], "nfe_cfg": base.nfe, "nfe_ag": ag.nfe,
         "nfe_saving": round(1 - ag.nfe / base.nfe, 4),
         "psnr_vs_cfg_db": round(float(psnr(ag.images * 2 - 1, base.images * 2 - 1, data_range=2.0).mean()), 2)}}
     (out / "guidance.json").write_text(json.dumps(result, indent=2))
-    logger.info("AG (gamma_bar=%g) at w=%g: %.2f network evaluations per image vs %d for CFG (%.0f%% saved), "
-                "PSNR %.1f dB against the CFG images", settings["ag"]["gamma_bar"], w_ag, ag.nfe, base.nfe,
+    logger.info("AG (gamma_bar=%g, min_steps=%d) at w=%g: %.2f network evaluations per image vs %d for CFG "
+                "(%.0f%% saved), PSNR %.1f dB against the CFG images", settings["ag"]["gamma_bar"],
+                settings["ag"]["min_steps"], w_ag, ag.nfe, base.nfe,
                 100 * result["ag"]["nfe_saving"], result["ag"]["psnr_vs_cfg_db"])
     return {"grid": str(path), **result["ag"]}
 

@@ -68,6 +68,30 @@ def build_guiders(args):
     return {"cfg": lambda w: CFG(guidance_scale=w), "apg": apg}
 
 
+def guider_overhead(pipe, args, batch: int = 64) -> dict:
+    """Median wall time of whole sampling runs with CFG and with APG at one scale, interleaved so that drift in
+    machine load hits both alike (same labels, noise, steps)."""
+    import statistics
+
+    from gen.guidance import APG, CFG
+
+    w = args.overhead_scale
+    labels = torch.arange(batch) % pipe.num_classes
+    guiders = {"cfg": CFG(guidance_scale=w), "apg": APG(guidance_scale=w, eta=args.apg_eta,
+                                                        momentum=args.apg_momentum, norm_threshold=args.apg_r)}
+    times = {k: [] for k in guiders}
+    for rep in range(args.overhead_repeats + 1):  # the first round warms up
+        for name, guider in guiders.items():
+            t0 = time.perf_counter()
+            pipe(class_labels=labels, num_inference_steps=args.steps, guider=guider, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    cfg_t, apg_t = statistics.median(times["cfg"]), statistics.median(times["apg"])
+    return {"guidance_scale": w, "batch": batch, "steps": args.steps, "repeats": args.overhead_repeats,
+            "cfg_median_s": round(cfg_t, 4), "apg_median_s": round(apg_t, 4), "overhead": round(apg_t / cfg_t - 1, 4)}
+
+
 def plot(rows, real, path):
     import matplotlib
 
@@ -106,7 +130,10 @@ def main(argv=None) -> dict:
     p.add_argument("--apg_r", type=float, default=defaults["apg"]["norm_threshold"],
                    help="APG norm threshold r (L2 over the 16x16 x0)")
     p.add_argument("--ag_scale", type=float, default=3.0, help="scale for the AG / LinearAG comparison")
-    p.add_argument("--ag_gamma_bars", type=float, nargs="+", default=[0.99, 0.995, 0.998, 0.999])
+    p.add_argument("--ag_settings", nargs="+", default=["0.999:0", "0.999:6", "0.999:8", "0.9995:8", "0.999:10"],
+                   help="AG runs as gamma_bar:min_steps")
+    p.add_argument("--overhead_repeats", type=int, default=7, help="interleaved CFG/APG timing runs (0 = skip)")
+    p.add_argument("--overhead_scale", type=float, default=8.0)
     p.add_argument("--linear_ag", default=str(ROOT / "checkpoints" / "digits-teacher" / "linear_ag"),
                    help="folder written by eval/calibrate_linear_ag.py ('' to skip)")
     p.add_argument("--out", default="outputs/guidance")
@@ -144,8 +171,11 @@ def main(argv=None) -> dict:
     cfg_ref = cfg_images[w]
     cfg_row = next((r for r in rows if r["method"] == "cfg" and r["guidance_scale"] == w), None)
     savings = []
-    candidates = [(f"ag(gamma_bar={g})", AdaptiveGuidance(inner=CFG(guidance_scale=w), gamma_bar=g))
-                  for g in args.ag_gamma_bars]
+    candidates = []
+    for setting in args.ag_settings:
+        g, _, m = setting.partition(":")
+        candidates.append((f"ag(gamma_bar={g}, min_steps={m or 0})",
+                           AdaptiveGuidance(inner=CFG(guidance_scale=w), gamma_bar=float(g), min_steps=int(m or 0))))
     if args.linear_ag and Path(args.linear_ag).is_dir():
         lag = LinearAG.from_pretrained(args.linear_ag)
         if lag.config.num_inference_steps == args.steps:
@@ -163,11 +193,12 @@ def main(argv=None) -> dict:
         savings.append(row)
         logger.info("%s: %s", name, row)
 
+    overhead = guider_overhead(pipe, args) if args.overhead_repeats > 0 else None
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} "
               "torch threads", "command": " ".join(["python", *sys.argv]), "num_samples": args.num_samples,
               "steps": args.steps, "seed": args.seed, "scheduler": "ddim",
               "apg": {"eta": args.apg_eta, "momentum": args.apg_momentum, "r": args.apg_r},
-              "real_train_vs_test": real, "scales": rows, "adaptive": savings}
+              "real_train_vs_test": real, "scales": rows, "adaptive": savings, "overhead": overhead}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(rows, real, out / "guidance.png")
     lines = ["| method | w | NFE | FID-digits | class acc. | % white | % clipped | mean abs | wall s |",
@@ -182,6 +213,11 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['method']} | {w:g} | {r['nfe']:.2f} | {100 * r['nfe_saving']:.1f}% | "
                      f"{r['psnr_vs_cfg']:.2f} | {r['fid']:.2f} | {100 * r.get('fid_vs_cfg', float('nan')):+.1f}% | "
                      f"{100 * r['class_accuracy']:.1f} |")
+    if overhead:
+        lines += ["", f"APG vs CFG wall time (w={overhead['guidance_scale']:g}, batch {overhead['batch']}, "
+                  f"{overhead['steps']} steps, median of {overhead['repeats']} interleaved runs): "
+                  f"CFG {overhead['cfg_median_s']:.3f} s, APG {overhead['apg_median_s']:.3f} s, "
+                  f"overhead {100 * overhead['overhead']:+.1f}%"]
     (out / "rows.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

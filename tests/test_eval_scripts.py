@@ -33,12 +33,15 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
     out = tmp_path / "g"
     res = load_script("eval/guidance.py").main(
         ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
-         "--ag_scale", "2", "--ag_gamma_bars", "-1", "--linear_ag", str(lag_dir), "--out", str(out)])
+         "--ag_scale", "2", "--ag_settings", "-1", "0:2", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
+         "--out", str(out)])
     assert (out / "guidance.png").stat().st_size > 1000 and (out / "rows.md").is_file()
     runs = [(r["method"], r["guidance_scale"]) for r in res["scales"]]
     assert runs == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
-    ag, lag = res["adaptive"]
+    ag, ag_gated, lag = res["adaptive"]
     assert ag["nfe"] == pytest.approx(3 + 1)      # gamma_bar=-1: every sample switches after step 0
+    assert ag_gated["nfe"] == pytest.approx(3 + 3)  # gamma_bar=0, min_steps=2: guided at steps 0..2
+    assert res["overhead"]["repeats"] == 1 and res["overhead"]["cfg_median_s"] > 0
     assert lag["nfe"] == pytest.approx(3 + 1)     # one exact step
     assert 0 <= res["scales"][0]["frac_clipped"] <= 1
 

@@ -380,3 +380,20 @@ def test_state_misuse_raises():
     g.begin(2, 2)
     with pytest.raises(ValueError, match="uncond"):
         g(cond, None, info(0, 2, 2))
+
+
+def test_ag_min_steps_gate_delays_switching(tmp_path):
+    """With gamma_bar=-1 every measured sample would switch at once; min_steps holds the switch back."""
+    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=-1.0, min_steps=2)
+    n = 5
+    ag.begin(2, n)
+    masks = []
+    for k in range(n):
+        cond, uncond = pair(2, 40 + k)
+        masks.append(step(ag, k, n, cond, uncond)[1].tolist())
+    assert ag.switched_at.tolist() == [2, 2]
+    assert masks == [[True, True]] * 3 + [[False, False]] * 2
+    ag.save_pretrained(tmp_path / "ag")
+    assert Guider.from_pretrained(tmp_path / "ag").min_steps == 2
+    with pytest.raises(ValueError, match="min_steps"):
+        AdaptiveGuidance(CFG(3.0), min_steps=-1)

@@ -94,7 +94,7 @@ def main(argv=None) -> Path:
     unet = build_unet(cfg, num_classes, channels, resolution)
     null_class = num_classes
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                prediction_type=cfg.prediction_type, clip_sample=True)
+                                prediction_type=cfg.prediction_type, clip_sample=False)
     abar = noise_sched.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)

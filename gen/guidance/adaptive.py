@@ -34,6 +34,9 @@ class AdaptiveGuidance(GuiderWrapper):
     Args:
         inner: the guider to gate (or give ``inner_class`` + ``inner_config``, as stored in the config).
         gamma_bar: threshold on the cosine, finite; close to 1 (0.99 ... 1.0) in practice.
+        min_steps: no sample switches before this step index (the "min_steps" gate). At high noise the eps
+            predictions of both branches are close to ``x_t / sigma`` whatever the label, so their cosine is near 1
+            at the first steps; without a gate AG may switch off before guidance has done anything.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class AdaptiveGuidance(GuiderWrapper):
         gamma_bar: float = 0.99,
         inner_class: str | None = None,
         inner_config: dict | None = None,
+        min_steps: int = 0,
     ):
         if (
             isinstance(gamma_bar, bool)
@@ -51,8 +55,11 @@ class AdaptiveGuidance(GuiderWrapper):
             raise ValueError(
                 f"gamma_bar must be a finite number (a cosine threshold, ~0.99); got {gamma_bar!r}"
             )
+        if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0; got {min_steps!r}")
         self.gamma_bar = float(gamma_bar)
-        self._init_inner(inner, inner_class, inner_config, gamma_bar=self.gamma_bar)
+        self.min_steps = min_steps
+        self._init_inner(inner, inner_class, inner_config, gamma_bar=self.gamma_bar, min_steps=min_steps)
         self.switched_at = None
         self.last_gamma = None
 
@@ -75,5 +82,6 @@ class AdaptiveGuidance(GuiderWrapper):
             ).cpu()
             self.last_gamma = torch.where(measured, gamma.to(self.last_gamma.dtype), self.last_gamma)
             newly = measured & (gamma > self.gamma_bar) & (self.switched_at < 0)
+            newly &= info.step_index >= self.min_steps
             self.switched_at[newly] = info.step_index
         return guided
