@@ -199,7 +199,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         # 1. timesteps and initial noise scale
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        # flow-matching schedulers start from unit noise and take the sample unscaled
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
         step_kwargs = {}
         params = inspect.signature(self.scheduler.step).parameters
         if "eta" in params:
@@ -212,7 +214,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             pred_type = prediction_type_of(self.scheduler)
         # 2. denoising loop: prediction (with guidance) -> scheduler step
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x_in = self.scheduler.scale_model_input(latents, t)
+            x_in = scale_input(latents, t)
             if guider is None:
                 pred, evals = self._predict(x_in, t, labels, guidance_scale)
             else:

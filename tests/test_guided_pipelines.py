@@ -157,3 +157,19 @@ def test_sd_round_trip_and_errors(sd_parts, tmp_path):
     next((tmp_path / "sd" / "unet").glob("*.safetensors")).write_bytes(b"corrupt")
     with pytest.raises(ValueError, match="could not load a pipeline"):
         GuidedStableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+
+
+def test_flow_matching_model_with_guiders():
+    """A flow-prediction model (FlowMatchEuler): CFG through the x0-space guider equals CFG on the raw velocity,
+    and APG runs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    pipe = ClassConditionalPipeline(tiny_unet().eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[2, 6], num_inference_steps=STEPS, output_type="pt")
+    plain = pipe(guidance_scale=3.0, generator=torch.Generator().manual_seed(0), **kw)
+    guided = pipe(guider=CFG(guidance_scale=3.0), generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(guided.images, plain.images, atol=5e-5, rtol=0)
+    apg = pipe(guider=APG(guidance_scale=3.0), generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.isfinite(apg.images).all() and apg.nfe == 2 * STEPS
