@@ -1,5 +1,7 @@
 """ClassConditionalPipeline: equals Diffusers' DDIMPipeline, applies CFG exactly, round-trips, rejects bad input."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -130,7 +132,8 @@ def test_missing_or_broken_folders(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ClassConditionalPipeline.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="does not exist"):
-        ClassConditionalPipeline.from_pretrained("checkpoints/no-such-model")
+        # relative, "org/name"-shaped, but its first part is a local folder: treated as local, no hub request
+        ClassConditionalPipeline.from_pretrained(os.path.join("checkpoints", "no-such-model"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no model_index.json"):
         ClassConditionalPipeline.from_pretrained(str(tmp_path / "empty"))

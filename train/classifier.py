@@ -41,20 +41,10 @@ class ClassifierTrainConfig(TrainConfig):
             raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
 
 
-def shift_images(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by integer offsets in [-max_shift, max_shift], filling with background (-1)."""
-    if max_shift == 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, b), generator=gen)).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-
-
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config(ClassifierTrainConfig, argv)
-    from gen.data.digits import NUM_CLASSES, load_digits16
+    from gen.data.digits import NUM_CLASSES, load_digits16, shift_images
     from gen.models.classifier import DigitsClassifier
 
     acc = make_accelerator(cfg)

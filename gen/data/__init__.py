@@ -8,6 +8,7 @@ from gen.data.digits import (
     Digits16Dataset,
     load_digits16,
     shift_image,
+    shift_images,
     split_indices,
 )
 from gen.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
@@ -48,6 +49,7 @@ __all__ = [
     "sample_toy",
     "save_grid",
     "shift_image",
+    "shift_images",
     "split_indices",
     "to_uint8",
     "toy_log_prob",

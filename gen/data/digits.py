@@ -101,15 +101,30 @@ def shift_image(
     Returns:
         [C, H, W], same dtype.
     """
+    return shift_images(image.unsqueeze(0), max_shift, generator)[0]
+
+
+def shift_images(
+    images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Shifts each image of a batch by its own random integer offset, filling with -1 (background).
+
+    Args:
+        images: [N, C, H, W] in [-1, 1].
+        max_shift: Largest shift in pixels along each axis; offsets are uniform in [-max_shift, max_shift].
+        generator: Optional torch generator for the offsets (one draw of [2, N] per call).
+
+    Returns:
+        [N, C, H, W], same dtype.
+    """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     if max_shift == 0:
-        return image
-    _, height, width = image.shape
-    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
-    padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift), value=-1.0)
-    top, left = max_shift - dy, max_shift - dx
-    return padded[:, top : top + height, left : left + width].contiguous()
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
 
 
 class Digits16Dataset(Dataset):
