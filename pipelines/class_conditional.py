@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from gen.diffusion import alpha_sigma, make_scheduler, prediction_type_of
+from gen.diffusion import make_scheduler
 
 from ._loading import guarded_from_pretrained
 
@@ -138,17 +138,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         cond, uncond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond), 2
 
-    def _guided(self, x_in, t, labels, guider, step_index, num_steps, pred_type):
-        from gen.guidance.sampling import guided_prediction
+    def _guided(self, x_in, t, labels, guider, loop_index, num_steps):
+        from gen.guidance.sampling import scheduler_guided_prediction
 
-        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x_in.ndim, dtype=x_in.dtype, device=x_in.device)
         null = torch.full_like(labels, self.null_class)
 
         def net(x, tt, class_labels):
             return self.unet(x, tt, class_labels=class_labels).sample
 
-        return guided_prediction(net, x_in, t, {"class_labels": labels}, {"class_labels": null}, guider, step_index,
-                                 num_steps, alpha, sigma, pred_type)
+        return scheduler_guided_prediction(net, self.scheduler, loop_index, t, x_in, {"class_labels": labels},
+                                           {"class_labels": null}, guider, num_steps)
 
     @torch.no_grad()
     def __call__(
@@ -211,16 +210,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         nfe = 0
         if guider is not None:
             guider.begin(batch, num_inference_steps)
-            pred_type = prediction_type_of(self.scheduler)
         # 2. denoising loop: prediction (with guidance) -> scheduler step
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = scale_input(latents, t)
             if guider is None:
                 pred, evals = self._predict(x_in, t, labels, guidance_scale)
             else:
-                # second-order schedulers visit 2N-1 timesteps: map them monotonically onto steps 0..N-1
-                step_index = i * num_inference_steps // len(self.scheduler.timesteps)
-                pred, evals = self._guided(x_in, t, labels, guider, step_index, num_inference_steps, pred_type)
+                pred, evals = self._guided(x_in, t, labels, guider, i, num_inference_steps)
             nfe += evals
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 

@@ -16,9 +16,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from gen.diffusion import alpha_sigma, prediction_type_of
 from gen.guidance import CFG, Guider
-from gen.guidance.sampling import guided_prediction
+from gen.guidance.sampling import scheduler_guided_prediction
 
 from ._loading import guarded_from_pretrained
 
@@ -109,7 +108,6 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         latents = self.prepare_latents(n, self.unet.config.in_channels, height, width, cond_emb.dtype, device,
                                        generator, latents)
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        pred_type = prediction_type_of(self.scheduler)
         guider.begin(n, num_inference_steps)
 
         def net(x, t, encoder_hidden_states):
@@ -119,11 +117,10 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         nfe = 0.0
         for i, t in enumerate(self.progress_bar(timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t)
-            alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x_in.ndim, dtype=x_in.dtype, device=device)
-            step_index = i * num_inference_steps // len(timesteps)
-            pred, evals = guided_prediction(net, x_in, t, {"encoder_hidden_states": cond_emb},
-                                            {"encoder_hidden_states": uncond_emb}, guider, step_index,
-                                            num_inference_steps, alpha, sigma, pred_type)
+            pred, evals = scheduler_guided_prediction(net, self.scheduler, i, t, x_in,
+                                                      {"encoder_hidden_states": cond_emb},
+                                                      {"encoder_hidden_states": uncond_emb}, guider,
+                                                      num_inference_steps)
             nfe += evals
             latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
 

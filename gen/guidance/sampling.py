@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.diffusion import from_x0_eps, to_x0_eps
+from gen.diffusion import alpha_sigma, from_x0_eps, prediction_type_of, to_x0_eps
 
 from .base import Prediction, StepInfo
 
@@ -81,3 +81,16 @@ def guided_prediction(
     x0_hat = guider(cond, uncond, info)
     eps_hat = (x_in - alpha * x0_hat) / sigma
     return from_x0_eps(x0_hat, eps_hat, pred_type, alpha, sigma), 1.0 + mask.float().mean().item()
+
+
+def scheduler_guided_prediction(net, scheduler, loop_index: int, t, x_in, cond_kwargs: dict, uncond_kwargs: dict,
+                                guider, num_inference_steps: int):
+    """:func:`guided_prediction` for the ``loop_index``-th entry of ``scheduler.timesteps``.
+
+    Reads ``(alpha, sigma)`` and the prediction type from the scheduler, and maps the loop index onto the step
+    index ``0..num_inference_steps-1`` the guider counts in (second-order schedulers visit 2N-1 timesteps).
+    """
+    alpha, sigma = alpha_sigma(scheduler, t, ndim=x_in.ndim, dtype=x_in.dtype, device=x_in.device)
+    step_index = loop_index * num_inference_steps // len(scheduler.timesteps)
+    return guided_prediction(net, x_in, t, cond_kwargs, uncond_kwargs, guider, step_index, num_inference_steps,
+                             alpha, sigma, prediction_type_of(scheduler))
