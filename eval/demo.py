@@ -94,7 +94,29 @@ def section_guidance(out: Path, args) -> dict:
     return {"grid": str(path), **result["ag"]}
 
 
-SECTIONS = {"teacher": section_teacher, "guidance": section_guidance}
+def _script_section(relpath: str):
+    """The ``demo_section(out, args)`` of another eval script (each method's benchmark script owns its demo)."""
+
+    def section(out: Path, args) -> dict:
+        import importlib.util
+
+        name = "demo_" + Path(relpath).stem
+        spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.demo_section(out, args)
+
+    section.__doc__ = f"demo_section of {relpath}"
+    return section
+
+
+SECTIONS = {
+    "teacher": section_teacher,
+    "guidance": section_guidance,
+    "inverse": _script_section("eval/inverse.py"),
+    "gbm": _script_section("eval/gbm.py"),
+    "interpolants": _script_section("eval/interpolants.py"),
+}
 
 
 def main(argv=None) -> dict:

@@ -1,12 +1,21 @@
 """Diffusers pipelines of `gen`: thin loops that wire `gen` pieces together."""
 
 from .class_conditional import ClassConditionalPipeline, ClassConditionalPipelineOutput
+from .gbm import GBMPipeline
+from .interpolant import InterpolantPipeline, InterpolantPipelineOutput
+from .red_diff import InverseProblemPipelineOutput, LatentRedDiffPipeline, RedDiffPipeline
 
 __all__ = [
     "ClassConditionalPipeline",
     "ClassConditionalPipelineOutput",
+    "GBMPipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionPipelineOutput",
+    "InterpolantPipeline",
+    "InterpolantPipelineOutput",
+    "InverseProblemPipelineOutput",
+    "LatentRedDiffPipeline",
+    "RedDiffPipeline",
 ]
 
 

@@ -13,7 +13,6 @@ Works with a class-conditional ``UNet2DModel`` (``num_class_embeds = num_classes
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from gen.diffusion import make_scheduler
 
+from ._common import check_sampling_args, images_to_output, nfe_value
 from ._loading import guarded_from_pretrained
-
-OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 @dataclass
@@ -110,21 +108,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_args(num_inference_steps, guidance_scale, output_type, generator, batch, guider=None):
-        if guider is not None:
-            from gen.guidance import Guider
-
-            if not isinstance(guider, Guider):
-                raise ValueError(f"guider must be a gen.guidance.Guider; got {type(guider).__name__}")
-            if guidance_scale != 1.0:
-                raise ValueError("give guidance_scale or guider, not both (the guider carries its own scale)")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one, or one per image")
+        check_sampling_args(num_inference_steps, guidance_scale, output_type, generator, batch, guider)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def _predict(self, x_in, t, labels, guidance_scale):
@@ -221,15 +205,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
         # 3. to [0, 1] and the requested type
-        images = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            out = images.cpu().float()
-        else:
-            out = images.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                out = self.numpy_to_pil(out)
+        out = images_to_output(self, (latents / 2 + 0.5).clamp(0, 1), output_type)
         self.maybe_free_model_hooks()
-        nfe = int(nfe) if float(nfe).is_integer() else round(nfe, 4)
+        nfe = nfe_value(nfe)
         if not return_dict:
             return out, nfe
         return ClassConditionalPipelineOutput(images=out, nfe=nfe)

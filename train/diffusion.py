@@ -23,7 +23,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
+from gen.data.build import build_image_dataset  # noqa: E402
 from gen.diffusion import from_x0_eps, make_scheduler  # noqa: E402
+from gen.models.unet import build_unet  # noqa: E402
 from gen.training import TrainConfig, TrainLoop, draw_batch, make_accelerator, parse_config  # noqa: E402
 from gen.training.config import _choice  # noqa: E402
 
@@ -58,40 +60,14 @@ class DiffusionTrainConfig(TrainConfig):
         make_scheduler(self.inference_scheduler)  # raises for unknown names
 
 
-def build_data(cfg: DiffusionTrainConfig):
-    """Returns (dataset, num_classes or None, channels, resolution)."""
-    if cfg.dataset == "digits16":
-        from gen.data.digits import NUM_CLASSES, RESOLUTION, load_digits16
-
-        images, labels = load_digits16("train")
-        return {"images": images, "class_labels": labels}, NUM_CLASSES, 1, RESOLUTION
-    from gen.data.folder import ImageFolderDataset
-
-    ds = ImageFolderDataset(cfg.data_dir, cfg.resolution, channels=cfg.channels, random_flip=cfg.random_flip,
-                            class_from_subfolder=True)
-    classes = len(ds.classes) if len(ds.classes) > 1 else None
-    return ds, classes, cfg.channels, cfg.resolution
-
-
-def build_unet(cfg: DiffusionTrainConfig, num_classes, channels, resolution):
-    from gen.models.unet import digits_unet, tiny_unet
-
-    n_embeds = None if num_classes is None else num_classes + 1
-    if cfg.unet_preset == "tiny":
-        unet = tiny_unet(num_class_embeds=n_embeds, sample_size=resolution)
-        if channels != unet.config.in_channels:
-            raise ValueError("unet_preset=tiny supports 1-channel images only")
-        return unet
-    return digits_unet(sample_size=resolution, in_channels=channels, out_channels=channels, num_class_embeds=n_embeds)
-
-
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config(DiffusionTrainConfig, argv)
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    dataset, num_classes, channels, resolution = build_data(cfg)
-    unet = build_unet(cfg, num_classes, channels, resolution)
+    dataset, num_classes, channels, resolution = build_image_dataset(cfg.dataset, cfg.data_dir, cfg.resolution,
+                                                                     cfg.channels, cfg.random_flip)
+    unet = build_unet(cfg.unet_preset, num_classes, channels, resolution)
     null_class = num_classes
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                 prediction_type=cfg.prediction_type, clip_sample=False)

@@ -19,7 +19,7 @@ from gen.metrics.features import (
     resize_bilinear_tf1,
 )
 from gen.metrics.fid import FeatureStats, frechet_distance, kid, load_stats, save_stats, torchmetrics_fid_kid
-from gen.metrics.image import class_accuracy, psnr, saturation
+from gen.metrics.image import class_accuracy, psnr, saturation, ssim
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -42,6 +42,7 @@ __all__ = [
     "sample_pipeline_uint8",
     "saturation",
     "save_stats",
+    "ssim",
     "torchmetrics_fid_kid",
     "write_reference",
 ]

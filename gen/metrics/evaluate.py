@@ -160,6 +160,7 @@ def sample_pipeline_uint8(
     batch_size: int = 250,
     seed: int = 0,
     progress: bool = True,
+    **pipe_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     """Sample a class-conditional pipeline into PNG-equivalent uint8 images with balanced labels.
 
@@ -173,6 +174,7 @@ def sample_pipeline_uint8(
         guidance_scale: Classifier-free guidance weight (1 = plain conditional).
         batch_size: Images per pipeline call.
         seed: Seed of the noise generator.
+        **pipe_kwargs: passed on to every pipeline call (e.g. ``sampler="dls"`` for a ``GBMPipeline``).
 
     Returns:
         images uint8 [N, C, H, W], labels int64 [N] (None for an unconditional UNet), NFE per image.
@@ -194,6 +196,7 @@ def sample_pipeline_uint8(
             generator=generator,
             output_type="pt",
             **kwargs,
+            **pipe_kwargs,
         )
         chunks.append(quantize_uint8(out.images.cpu(), (0.0, 1.0)))
         nfe = getattr(out, "nfe", None)

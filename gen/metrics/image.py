@@ -1,4 +1,4 @@
-"""Per-image quality measures: PSNR, saturation at the range ends, and classifier accuracy."""
+"""Per-image quality measures: PSNR, SSIM, saturation at the range ends, and classifier accuracy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["class_accuracy", "psnr", "saturation"]
+__all__ = ["class_accuracy", "psnr", "saturation", "ssim"]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -104,3 +104,50 @@ def class_accuracy(
     finally:
         classifier.train(was_training)
     return correct / images.shape[0]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window_size: int = 11,
+         window_sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Structural similarity per image (Wang, Bovik, Sheikh, Simoncelli 2004, eq. 13) with a Gaussian window.
+
+        SSIM = mean over windows of ((2 mu_a mu_b + C1)(2 cov_ab + C2)) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2))
+
+    with ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``, ``L = data_range``; local statistics are weighted by an 11x11
+    Gaussian of std 1.5 (normalised to sum 1), computed per channel over the "valid" positions only (no padding;
+    the window is shrunk to the image side when the image is smaller), and the map is averaged over positions and
+    channels. Variances are the biased (window-weighted) ones, as in the paper's reference code.
+
+    Args:
+        a: float [N, C, H, W].
+        b: float, same shape as ``a``.
+        data_range: peak-to-peak range (2.0 for [-1, 1], 1.0 for [0, 1], 255 for uint8).
+
+    Returns:
+        float32 tensor [N].
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.ndim != 4 or a.shape[0] == 0:
+        raise ValueError(f"a must be [N, C, H, W] with N >= 1, got shape {tuple(a.shape)}")
+    if data_range <= 0:
+        raise ValueError(f"data_range must be > 0, got {data_range}")
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"window_size must be a positive odd integer, got {window_size}")
+    n, c, h, w = a.shape
+    size = min(window_size, h if h % 2 else h - 1, w if w % 2 else w - 1)
+    r = size // 2
+    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / window_sigma) ** 2)
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(c, 1, size, size).to(a.device)
+    x, y = a.double(), b.double()
+
+    def filt(z):
+        return torch.nn.functional.conv2d(z, win, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x = filt(x * x) - mu_x**2
+    var_y = filt(y * y) - mu_y**2
+    cov = filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    smap = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return smap.reshape(n, -1).mean(dim=1).float()

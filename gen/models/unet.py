@@ -76,3 +76,19 @@ def tiny_unet(num_class_embeds: int | None = NUM_CLASSES + 1, sample_size: int =
         add_attention=False,
         num_class_embeds=num_class_embeds,
     )
+
+
+UNET_PRESETS = ("digits", "tiny")
+
+
+def build_unet(preset: str, num_classes: int | None, channels: int = 1, resolution: int = RESOLUTION) -> UNet2DModel:
+    """The UNet a trainer asks for by preset name (``"digits"`` or ``"tiny"``), with ``num_classes + 1`` class
+    embeddings (the last one is the null class) or none for ``num_classes=None``."""
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unet preset must be one of {UNET_PRESETS}; got {preset!r}")
+    n_embeds = None if num_classes is None else num_classes + 1
+    if preset == "tiny":
+        if channels != 1:
+            raise ValueError("unet_preset=tiny supports 1-channel images only")
+        return tiny_unet(num_class_embeds=n_embeds, sample_size=resolution)
+    return digits_unet(sample_size=resolution, in_channels=channels, out_channels=channels, num_class_embeds=n_embeds)

@@ -1,0 +1,537 @@
+"""Stochastic-interpolant benchmarks: 2-D side by side with torchcfm, digits FID against NFE, the digits bridge.
+
+    python eval/interpolants.py --out eval/results/interpolants [--only toys digits bridge] [--threads 1]
+
+1. **toys** (checkerboard, 8gaussians): the same ``gen.models.TimeMLP`` (same initial weights), optimiser, batch
+   and steps, trained once with ``gen.interpolants.InterpolantLoss`` (one-sided linear, velocity) and once with
+   torchcfm's ``ConditionalFlowMatcher(sigma=0)`` (if installed). A: each draws its own data, noise and times;
+   training samples per second are timed in interleaved chunks (the two trainers alternate every ``--chunk``
+   steps, so load changes hit both alike). B ("paired"): both see the same (x0, x1, t) every step, so the two
+   trained models differ only by the objectives' arithmetic. Sample quality at equal NFE: sliced Wasserstein-2
+   (``--sw_projections`` random directions) and MMD (RBF, 5 bandwidths) of ``--toy_samples`` samples against as
+   many exact ``gen.data.sample_toy`` samples, the same integrator code for both models (Euler at NFE = steps;
+   midpoint and Heun at 2 NFE per step), and the noise floor (two exact sample sets).
+2. **digits**: FID-digits (vs digits16-test, ``--num_samples`` class-balanced samples, fixed seed) of
+   ``checkpoints/digits-interpolant`` with the ODE (Euler, Heun) and the SDE (Euler-Maruyama, eps = sigma) at
+   several NFE, and of the DDPM teacher ``checkpoints/digits-teacher`` with DDIM at equal NFE; unguided (w = 1)
+   and one guided setting (the same w for both).
+3. **bridge**: ``checkpoints/digits-bridge`` on the 360 test digits: PSNR to the clean digit, class accuracy of the
+   shipped classifier and FID-digits, for the degraded input and the translated output.
+
+Writes ``results.json``, ``toys.png``, ``digits_fid_vs_nfe.png``, ``bridge.png`` (rows: clean test digits, their
+degraded observations, two translations with different base noise) and ``rows.md`` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+logger = logging.getLogger("eval.interpolants")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample-quality distances for 2-D point clouds
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between equal-size point clouds [N, d] (random unit directions)."""
+    if a.shape != b.shape:
+        raise ValueError(f"point clouds must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, _ = torch.sort(a.double() @ dirs, dim=0)
+    pb, _ = torch.sort(b.double() @ dirs, dim=0)
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0, 3.0, 10.0), max_points: int = 2000) -> float:
+    """Unbiased squared MMD with a sum of RBF kernels exp(-|x-y|^2 / (2 h^2)) over ``bandwidths``."""
+    a, b = a[:max_points].double(), b[:max_points].double()
+
+    def k(x, y):
+        d2 = torch.cdist(x, y) ** 2
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+
+    m, n = a.shape[0], b.shape[0]
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    return float((kaa.sum() - kaa.diag().sum()) / (m * (m - 1)) + (kbb.sum() - kbb.diag().sum()) / (n * (n - 1))
+                 - 2 * kab.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. toys
+def _toy_trainers(name: str, args, paired: bool = False):
+    """(our step, torchcfm step or None, our model, their model); same initial weights.
+
+    ``paired=False``: each trainer draws its own batch, noise and times, its library's way (for the timing).
+    ``paired=True``: both get the same (x0, x1, t) each step (torchcfm through its ``t=`` argument), so any
+    difference between the two trained models is the objective's implementation, not the random draws.
+    """
+    from gen.data.toys import sample_toy
+    from gen.interpolants import Interpolant, InterpolantLoss
+    from gen.models import TimeMLP
+
+    torch.manual_seed(args.seed)
+    ours = TimeMLP(dim=2, hidden=args.mlp_hidden, depth=args.mlp_depth)
+    theirs = TimeMLP(dim=2, hidden=args.mlp_hidden, depth=args.mlp_depth)
+    theirs.load_state_dict(ours.state_dict())
+    opt_o = torch.optim.Adam(ours.parameters(), lr=args.toy_lr)
+    opt_t = torch.optim.Adam(theirs.parameters(), lr=args.toy_lr)
+    loss = InterpolantLoss(Interpolant("linear"), "velocity")
+    gen_o = torch.Generator().manual_seed(args.seed + 1)
+    gen_t = torch.Generator().manual_seed(args.seed + 1)
+    shared = []  # paired mode: ours draws (x0, x1, t), theirs replays them
+
+    def step_ours():
+        x1 = sample_toy(name, args.toy_batch, generator=gen_o)
+        if paired:
+            x0 = torch.randn(x1.shape, generator=gen_o)
+            t = loss.sample_t(x1.shape[0], gen_o)
+            shared.append((x0, x1, t))
+            value, _ = loss(lambda x, tt: ours(x, tt), x1, x0=x0, t=t)
+        else:
+            value, _ = loss(lambda x, tt: ours(x, tt), x1, generator=gen_o)
+        opt_o.zero_grad(set_to_none=True)
+        value.backward()
+        opt_o.step()
+        return float(value.detach())
+
+    step_theirs = None
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+    except ImportError:
+        logger.warning("torchcfm is not installed: the side-by-side columns are skipped (pip install torchcfm "
+                       "--no-deps; POT)")
+    else:
+        fm = ConditionalFlowMatcher(sigma=0.0)
+        torch_rng = torch.Generator().manual_seed(args.seed + 2)
+
+        def step_theirs():
+            if paired:
+                x0, x1, t = shared.pop(0)
+                t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t=t.float())
+            else:
+                x1 = sample_toy(name, args.toy_batch, generator=gen_t)
+                x0 = torch.randn(x1.shape, generator=gen_t)
+                # torchcfm draws t from the global RNG; reseed it from a generator for reproducibility
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_rng)))
+                t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+            value = torch.mean((theirs(xt, t) - ut) ** 2)
+            opt_t.zero_grad(set_to_none=True)
+            value.backward()
+            opt_t.step()
+            return float(value.detach())
+
+    return step_ours, step_theirs, ours, theirs
+
+
+def _sample_toy_model(model, n: int, nfe: int, method: str, seed: int):
+    """Integrate the velocity of ``model`` from N(0, I) at t = 0 to t = 1 with ``nfe`` network evaluations; the
+    same integrator code for both libraries' models (torchcfm leaves integration to the user)."""
+    from gen.interpolants import Interpolant, InterpolantSampler
+
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sampler = InterpolantSampler(Interpolant("linear"), lambda xx, t: model(xx, t), "velocity")
+        out = sampler.sample_ode(x, num_steps=nfe if method == "euler" else nfe // 2, method=method)
+        assert sampler.nfe == nfe, (sampler.nfe, nfe)
+        return out
+
+
+def _train_pair(name, args, paired):
+    step_o, step_t, ours, theirs = _toy_trainers(name, args, paired)
+    times = {"ours": 0.0, "torchcfm": 0.0}
+    losses = {"ours": [], "torchcfm": []}
+    done = 0
+    while done < args.toy_steps:
+        n = min(args.chunk, args.toy_steps - done)
+        for lib, fn in (("ours", step_o), ("torchcfm", step_t)):
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            for _ in range(n):
+                losses[lib].append(fn())
+            times[lib] += time.perf_counter() - t0
+        done += n
+    models = {"ours": ours} if step_t is None else {"ours": ours, "torchcfm": theirs}
+    return models, times, losses
+
+
+def _quality(models, name, args, ref):
+    rows = []
+    for nfe in args.toy_nfe:
+        for method in ("euler", "midpoint", "heun"):
+            if method != "euler" and nfe % 2:
+                continue
+            row = {"nfe": nfe, "method": method}
+            for lib, model in models.items():
+                x = _sample_toy_model(model, args.toy_samples, nfe, method, args.seed + 300)
+                row[lib] = {"sw2": round(sliced_wasserstein(x, ref, args.sw_projections), 4),
+                            "mmd2": round(mmd_rbf(x, ref), 5)}
+            rows.append(row)
+    return rows
+
+
+def run_toys(args) -> dict:
+    from gen.data.toys import sample_toy
+
+    results = {}
+    for name in args.toys:
+        ref = sample_toy(name, args.toy_samples, generator=torch.Generator().manual_seed(args.seed + 100))
+        ref2 = sample_toy(name, args.toy_samples, generator=torch.Generator().manual_seed(args.seed + 200))
+        entry = {"steps": args.toy_steps, "batch": args.toy_batch, "lr": args.toy_lr,
+                 "mlp": {"hidden": args.mlp_hidden, "depth": args.mlp_depth},
+                 "noise_floor": {"sw2": round(sliced_wasserstein(ref, ref2, args.sw_projections), 4),
+                                 "mmd2": round(mmd_rbf(ref, ref2), 5)},
+                 "train": {}}
+        # A. independent draws: training throughput (interleaved chunks) and the quality of the two models
+        models, times, losses = _train_pair(name, args, paired=False)
+        for lib in models:
+            entry["train"][lib] = {"seconds": round(times[lib], 3),
+                                   "samples_per_s": round(args.toy_steps * args.toy_batch / times[lib], 1),
+                                   "final_loss_avg100": round(sum(losses[lib][-100:]) / len(losses[lib][-100:]), 4)}
+        if "torchcfm" in models:
+            entry["throughput_ratio"] = round(entry["train"]["ours"]["samples_per_s"]
+                                              / entry["train"]["torchcfm"]["samples_per_s"], 3)
+        entry["quality"] = _quality(models, name, args, ref)
+        # B. paired draws: the same (x0, x1, t) for both objectives
+        if "torchcfm" in models and not args.skip_paired:
+            models, _, _ = _train_pair(name, args, paired=True)
+            diff = max(float((p - q).detach().abs().max()) for p, q in zip(models["ours"].parameters(),
+                                                                           models["torchcfm"].parameters()))
+            entry["paired"] = {"max_abs_weight_difference": diff, "quality": _quality(models, name, args, ref)}
+        results[name] = entry
+        logger.info("%s: %s", name, json.dumps(entry["train"]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. digits
+def _sample_pipe(pipe, num_samples, batch, seed, **kw):
+    labels = torch.arange(num_samples) % 10
+    gen = torch.Generator().manual_seed(seed)
+    chunks, nfe, t0 = [], 0.0, time.perf_counter()
+    for s in range(0, num_samples, batch):
+        lab = labels[s:s + batch]
+        out = pipe(class_labels=lab, generator=gen, output_type="pt", **kw)
+        chunks.append(out.images * 2 - 1)
+        nfe += out.nfe * len(lab)
+    return torch.cat(chunks), labels, nfe / num_samples, time.perf_counter() - t0
+
+
+def run_digits(args) -> dict:
+    from gen.data.images import to_uint8
+    from gen.metrics import build_feature_extractor
+    from gen.metrics.evaluate import compute_fid_for_images
+    from pipelines import ClassConditionalPipeline, InterpolantPipeline
+
+    extractor = build_feature_extractor("digits")
+    ours = InterpolantPipeline.from_pretrained(args.interpolant)
+    teacher = ClassConditionalPipeline.from_pretrained(args.teacher)
+    for p in (ours, teacher):
+        p.set_progress_bar_config(disable=True)
+    rows = []
+
+    def record(model, sampler, nfe_target, w, images, labels, nfe, wall):
+        res = compute_fid_for_images(to_uint8(images), labels, extractor=extractor, ref="test", progress=False)
+        row = {"model": model, "sampler": sampler, "nfe_per_branch": nfe_target, "guidance_scale": w,
+               "nfe_per_image": nfe, "fid": round(res["fid"], 3), "class_accuracy": round(res["class_accuracy"], 4),
+               "n": res["n"], "wall_s": round(wall, 1)}
+        rows.append(row)
+        logger.info("%s", json.dumps(row))
+
+    # the floor at this sample count: real training digits against the test split
+    from gen.data.digits import load_digits16
+
+    real, real_labels = load_digits16("train")
+    pick = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]
+    record("real digits16-train (floor)", "-", 0, 1.0, real[pick], real_labels[pick], 0.0, 0.0)
+    for w in args.guidance_scales:
+        for nfe in args.nfe:
+            settings = [("ode-euler", {"sampler": "ode", "method": "euler", "num_inference_steps": nfe}),
+                        ("ode-heun", {"sampler": "ode", "method": "heun", "num_inference_steps": nfe // 2}),
+                        ("sde-em", {"sampler": "sde", "method": "euler_maruyama", "num_inference_steps": nfe - 1})]
+            for name, kw in settings:
+                if w != 1.0 and name == "ode-euler":
+                    continue  # guided: Heun and the SDE only, to save time
+                imgs, labels, n_eval, wall = _sample_pipe(ours, args.num_samples, args.batch, args.seed,
+                                                          guidance_scale=w, **kw)
+                record("interpolant", name, nfe, w, imgs, labels, n_eval, wall)
+            imgs, labels, n_eval, wall = _sample_pipe(teacher, args.num_samples, args.batch, args.seed,
+                                                      guidance_scale=w, num_inference_steps=nfe)
+            record("ddpm-teacher", "ddim", nfe, w, imgs, labels, n_eval, wall)
+    return {"rows": rows, "num_samples": args.num_samples, "interpolant": str(args.interpolant),
+            "teacher": str(args.teacher)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. bridge
+def bridge_test_set(args):
+    """Clean test digits [360,1,16,16], labels and their fixed degraded observations."""
+    import yaml
+
+    from gen.data.digits import load_digits16
+    from gen.interpolants import degrade
+
+    cfg = yaml.safe_load((Path(args.bridge) / "train_config.yaml").read_text()) \
+        if (Path(args.bridge) / "train_config.yaml").is_file() else {}
+    clean, labels = load_digits16("test")
+    d = degrade(clean, cfg.get("degrade_factor", 4), cfg.get("degrade_noise_std", 0.2),
+                generator=torch.Generator().manual_seed(args.seed + 7))
+    return clean, labels, d
+
+
+def run_bridge(args) -> dict:
+    from gen.data.images import to_uint8
+    from gen.metrics import build_feature_extractor, psnr
+    from gen.metrics.evaluate import compute_fid_for_images
+    from pipelines import InterpolantPipeline
+
+    extractor = build_feature_extractor("digits")
+    pipe = InterpolantPipeline.from_pretrained(args.bridge)
+    pipe.set_progress_bar_config(disable=True)
+    clean, labels, d = bridge_test_set(args)
+
+    def metrics(x):
+        res = compute_fid_for_images(to_uint8(x), labels, extractor=extractor, ref="test", progress=False)
+        return {"psnr_db": round(float(psnr(x.clamp(-1, 1), clean).mean()), 3), "fid": round(res["fid"], 3),
+                "class_accuracy": round(res["class_accuracy"], 4)}
+
+    out = {"n": int(clean.shape[0]), "degraded": metrics(d.clamp(-1, 1)), "translated": [], "clean": metrics(clean)}
+    for steps in args.bridge_steps:
+        t0 = time.perf_counter()
+        x = pipe(source_images=d, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed),
+                 output_type="pt").images * 2 - 1
+        row = {"sampler": "ode-heun", "steps": steps, "nfe": 2 * steps, **metrics(x),
+               "wall_s": round(time.perf_counter() - t0, 1)}
+        # diversity: a second draw of the base noise for the same observations
+        x2 = pipe(source_images=d, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed + 1),
+                  output_type="pt").images * 2 - 1
+        row["psnr_between_two_draws_db"] = round(float(psnr(x, x2).mean()), 3)
+        out["translated"].append(row)
+        if steps == args.bridge_steps[0]:
+            from gen.data.images import save_grid
+
+            idx = torch.arange(0, clean.shape[0], clean.shape[0] // 10)[:10]
+            grid = torch.cat([clean[idx], d[idx].clamp(-1, 1), x[idx], x2[idx]])
+            out["examples"] = str(save_grid(grid, Path(args.out) / "bridge.png", nrow=10, upscale=4))
+        logger.info("bridge %s", json.dumps(row))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def plots(results: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots")
+        return []
+    written = []
+    if "toys" in results:
+        fig, axes = plt.subplots(1, len(results["toys"]), figsize=(5 * len(results["toys"]), 3.5), squeeze=False)
+        for ax, (name, entry) in zip(axes[0], results["toys"].items()):
+            for lib, style in (("ours", "-"), ("torchcfm", "--")):
+                for method, color in (("euler", "C0"), ("midpoint", "C2"), ("heun", "C1")):
+                    pts = [(r["nfe"], r[lib]["sw2"]) for r in entry["quality"] if r["method"] == method and lib in r]
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=color, marker="o", label=f"{lib} {method}")
+            ax.axhline(entry["noise_floor"]["sw2"], color="gray", lw=0.8, label="two exact sets")
+            ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced W2 to exact samples", title=name)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "toys.png", dpi=120)
+        plt.close(fig)
+        written.append(str(out / "toys.png"))
+    if "digits" in results:
+        rows = [r for r in results["digits"]["rows"] if r["nfe_per_branch"] > 0]
+        floor = [r["fid"] for r in results["digits"]["rows"] if r["nfe_per_branch"] == 0]
+        curves = sorted({(r["model"], r["sampler"]) for r in rows})
+        colors = {c: f"C{i}" for i, c in enumerate(curves)}
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, w in zip(axes, sorted({r["guidance_scale"] for r in rows})):
+            for (model, sampler) in curves:
+                pts = sorted((r["nfe_per_branch"], r["fid"]) for r in rows
+                             if r["model"] == model and r["sampler"] == sampler and r["guidance_scale"] == w)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=colors[(model, sampler)], label=f"{model} {sampler}")
+            if floor:
+                ax.axhline(floor[0], color="gray", lw=0.8, ls=":", label="real train digits (same N)")
+            ax.set(xlabel="NFE per branch", ylabel="FID-digits (vs test)", title=f"w = {w:g}", yscale="log")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "digits_fid_vs_nfe.png", dpi=120)
+        plt.close(fig)
+        written.append(str(out / "digits_fid_vs_nfe.png"))
+    return written
+
+
+def markdown_rows(results: dict) -> str:
+    lines = []
+    if "toys" in results:
+        lines += ["| toy | NFE | integrator | SW2 ours | SW2 torchcfm | MMD^2 ours | MMD^2 torchcfm |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, e in results["toys"].items():
+            for r in e["quality"]:
+                tc = r.get("torchcfm", {})
+                lines.append(f"| {name} | {r['nfe']} | {r['method']} | {r['ours']['sw2']:.4f} | "
+                             f"{tc.get('sw2', float('nan')):.4f} | {r['ours']['mmd2']:.5f} | "
+                             f"{tc.get('mmd2', float('nan')):.5f} |")
+        lines += ["", "| toy | ours samples/s | torchcfm samples/s | ratio | noise floor SW2 | paired: max weight "
+                  "diff |", "|---|---|---|---|---|---|"]
+        for name, e in results["toys"].items():
+            tc = e["train"].get("torchcfm", {})
+            pd = e.get("paired", {}).get("max_abs_weight_difference", float("nan"))
+            lines.append(f"| {name} | {e['train']['ours']['samples_per_s']:.0f} | "
+                         f"{tc.get('samples_per_s', float('nan')):.0f} | {e.get('throughput_ratio', float('nan'))} | "
+                         f"{e['noise_floor']['sw2']:.4f} | {pd:.2e} |")
+        paired = [(n, r) for n, e in results["toys"].items() for r in e.get("paired", {}).get("quality", [])]
+        if paired:
+            lines += ["", "| toy (paired draws) | NFE | integrator | SW2 ours | SW2 torchcfm |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {n} | {r['nfe']} | {r['method']} | {r['ours']['sw2']:.4f} | {r['torchcfm']['sw2']:.4f} |"
+                      for n, r in paired]
+        lines.append("")
+    if "digits" in results:
+        lines += ["| model | sampler | NFE/branch | w | NFE/image | FID-digits | class acc. |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["digits"]["rows"]:
+            lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe_per_branch']} | {r['guidance_scale']:g} | "
+                         f"{r['nfe_per_image']:g} | {r['fid']:.3f} | {100 * r['class_accuracy']:.1f}% |")
+        lines.append("")
+    if "bridge" in results:
+        b = results["bridge"]
+        lines += ["| bridge (360 test digits) | NFE | PSNR dB | FID-digits | class acc. | PSNR between 2 draws |",
+                  "|---|---|---|---|---|---|",
+                  f"| degraded input | - | {b['degraded']['psnr_db']:.2f} | {b['degraded']['fid']:.3f} | "
+                  f"{100 * b['degraded']['class_accuracy']:.1f}% | - |"]
+        for r in b["translated"]:
+            lines.append(f"| translated (ODE Heun) | {r['nfe']} | {r['psnr_db']:.2f} | {r['fid']:.3f} | "
+                         f"{100 * r['class_accuracy']:.1f}% | {r['psnr_between_two_draws_db']:.2f} |")
+        lines.append(f"| clean test digits | - | inf | {b['clean']['fid']:.3f} | "
+                     f"{100 * b['clean']['class_accuracy']:.1f}% | - |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def demo_section(out: Path, args) -> dict:
+    """Interpolant digits (one row per class, guided ODE) and a bridge example (clean / degraded / translated)."""
+    from gen.data.images import save_grid
+    from pipelines import InterpolantPipeline
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = getattr(args, "seed", 0)
+    written = {}
+    t0 = time.time()
+    pipe = InterpolantPipeline.from_pretrained(ROOT / "checkpoints" / "digits-interpolant")
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat_interleave(8)
+    w = getattr(args, "guidance_scale", 2.0)
+    res = pipe(class_labels=labels, num_inference_steps=10, guidance_scale=w, method="heun",
+               generator=torch.Generator().manual_seed(seed), output_type="pt")
+    written["interpolant_grid"] = str(save_grid(res.images * 2 - 1, out / "interpolant_digits.png", nrow=8,
+                                                upscale=4))
+    logger.info("wrote %s (rows = classes 0-9, probability-flow ODE, Heun, 10 steps = %d NFE with CFG w=%g, "
+                "%.1f s)", written["interpolant_grid"], res.nfe, w, time.time() - t0)
+    bridge = ROOT / "checkpoints" / "digits-bridge"
+    if (bridge / "model_index.json").is_file():
+        t0 = time.time()
+        ns = argparse.Namespace(bridge=str(bridge), seed=seed)
+        clean, _, d = bridge_test_set(ns)
+        idx = torch.arange(0, 360, 36)[:10]
+        bp = InterpolantPipeline.from_pretrained(bridge)
+        bp.set_progress_bar_config(disable=True)
+        x = [bp(source_images=d[idx], num_inference_steps=10, output_type="pt",
+                generator=torch.Generator().manual_seed(seed + k)).images * 2 - 1 for k in range(2)]
+        grid = torch.cat([clean[idx], d[idx].clamp(-1, 1), *x])
+        written["bridge_grid"] = str(save_grid(grid, out / "interpolant_bridge.png", nrow=10, upscale=4))
+        logger.info("wrote %s (rows: clean test digit, degraded observation, two translations with different base "
+                    "noise; ODE Heun 10 steps, %.1f s)", written["bridge_grid"], time.time() - t0)
+    return written
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "eval" / "results" / "interpolants"))
+    p.add_argument("--only", nargs="+", choices=("toys", "digits", "bridge"), default=["toys", "digits", "bridge"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--toys", nargs="+", default=["checkerboard", "8gaussians"])
+    p.add_argument("--toy_steps", type=int, default=2000)
+    p.add_argument("--toy_batch", type=int, default=256)
+    p.add_argument("--toy_lr", type=float, default=1e-3)
+    p.add_argument("--mlp_hidden", type=int, default=256)
+    p.add_argument("--mlp_depth", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=100, help="toy steps per interleaved timing chunk")
+    p.add_argument("--toy_samples", type=int, default=5000)
+    p.add_argument("--toy_nfe", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--sw_projections", type=int, default=256)
+    p.add_argument("--skip_paired", action="store_true", help="skip the paired-draws toy comparison")
+    p.add_argument("--interpolant", default=str(ROOT / "checkpoints" / "digits-interpolant"))
+    p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "digits-teacher"))
+    p.add_argument("--num_samples", type=int, default=500)
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--nfe", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--bridge", default=str(ROOT / "checkpoints" / "digits-bridge"))
+    p.add_argument("--bridge_steps", type=int, nargs="+", default=[10])
+    args = p.parse_args(argv)
+    if any(n % 2 for n in args.nfe):
+        raise ValueError(f"--nfe values must be even (Heun uses 2 per step); got {args.nfe}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}, "
+               f"{args.threads} thread(s)", "command": "python eval/interpolants.py " + " ".join(argv or sys.argv[1:])}
+    path = out / "results.json"
+    if path.is_file():  # keep sections run earlier
+        previous = json.loads(path.read_text())
+        results = {**previous, **{k: v for k, v in results.items()}}
+    t0 = time.time()
+    if "toys" in args.only:
+        results["toys"] = run_toys(args)
+    if "digits" in args.only:
+        new = run_digits(args)
+        if "digits" in results:  # keep rows of earlier runs with other NFE / scales (the same key is replaced)
+            def key(r):
+                return r["model"], r["sampler"], r["nfe_per_branch"], r["guidance_scale"]
+
+            fresh = {key(r) for r in new["rows"]}
+            new["rows"] = [r for r in results["digits"]["rows"] if key(r) not in fresh] + new["rows"]
+            new["rows"].sort(key=lambda r: (r["guidance_scale"], r["nfe_per_branch"], r["model"], r["sampler"]))
+        results["digits"] = new
+    if "bridge" in args.only:
+        results["bridge"] = run_bridge(args)
+    results.setdefault("commands", {})
+    for section in args.only:  # a section merged from several runs lists every command
+        before = results["commands"].get(section, [])
+        before = [before] if isinstance(before, str) else before
+        merge = section == "digits" and "digits" in results
+        results["commands"][section] = ([c for c in before if c != results["command"]] if merge else []) + [
+            results["command"]]
+    results["wall_s"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o)
+                               else str(o)))
+    results["plots"] = plots(results, out)
+    (out / "rows.md").write_text(markdown_rows(results))
+    logger.info("wrote %s, %s", path, out / "rows.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Inverse problems with a diffusion prior: RED-Diff (Mardani et al., ICLR 2024, arXiv 2305.04391, Algorithm 1),
+DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse baseline, as Diffusers pipelines.
+
+- :class:`RedDiffPipeline` (``unet``, ``scheduler``): pixel-space models such as the digits teacher (class labels
+  optional; a class-conditional UNet runs on its null class when none are given).
+- :class:`LatentRedDiffPipeline` (``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``): Stable
+  Diffusion components. RED-Diff fits the latent mean ``mu`` (initialised at ``E(H^+ y)``) and the data term goes
+  through the VAE decoder, ``||y - H(D(mu))||^2``; DPS differentiates ``H(D(x0_hat))`` through decoder and UNet.
+
+Both take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
+and ``method`` in ``reddiff``, ``dps``, ``pinv``; eps-, v-, x0- and flow-prediction models work through
+``gen.diffusion``. Network evaluations per image are returned as ``nfe`` (a DPS step also backpropagates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from gen.diffusion import alpha_sigma, prediction_type_of
+from gen.inverse import WEIGHTINGS, Operator, dps, eps_predictor, red_diff, reddiff_timesteps
+
+from ._loading import guarded_from_pretrained
+
+METHODS = ("reddiff", "dps", "pinv")
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class InverseProblemPipelineOutput(BaseOutput):
+    """Restored images (PIL list, numpy ``[N,H,W,C]`` in [0,1] or torch ``[N,C,H,W]`` in [0,1]) and the number of
+    network evaluations per image (0 for ``pinv``; a DPS evaluation includes a backward pass)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nfe: int
+
+
+class _InverseMixin:
+    """Argument checks and the output conversion shared by both pipelines."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder or a hub id; a missing or broken local folder raises ``ValueError``."""
+        return guarded_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+
+    @staticmethod
+    def _check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
+                    lr, lam, weighting, zeta):
+        if not isinstance(operator, Operator):
+            raise ValueError(f"operator must be a gen.inverse.Operator; got {type(operator).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; allowed: {', '.join(METHODS)}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be one torch.Generator (noise is drawn batched); got "
+                             f"{type(generator).__name__}")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
+        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0; got {lam!r}")
+        if not callable(weighting) and weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable")
+        if not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
+            raise ValueError(f"zeta must be a finite number >= 0; got {zeta!r}")
+        operator.check_measurement(measurement, x_shape)
+        if method in ("reddiff", "pinv") and x_init is None and not operator.has_pinv:
+            raise ValueError(
+                f"{type(operator).__name__} has no pinv, which method={method!r} needs"
+                + (" to initialise mu: pass x_init=" if method == "reddiff" else "")
+            )
+
+    @staticmethod
+    def _to_output(images: torch.Tensor, output_type: str, numpy_to_pil):
+        images = (images / 2 + 0.5).clamp(0, 1).detach().cpu().float()
+        if output_type == "pt":
+            return images
+        out = images.permute(0, 2, 3, 1).numpy()
+        return numpy_to_pil(out) if output_type == "pil" else out
+
+
+class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
+    """Solve ``y = H(x) + sigma_y n`` with a pixel-space diffusion prior (``UNet2DModel``).
+
+    Example:
+        >>> from gen.inverse import Inpainting
+        >>> pipe = RedDiffPipeline.from_pretrained("path/to/saved/red-diff")
+        >>> op = Inpainting.box((16, 16), 6, sigma_y=0.05)
+        >>> y = op.measure(x, generator=torch.Generator().manual_seed(0))
+        >>> out = pipe(y, op, method="reddiff", num_inference_steps=50, output_type="pt")
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def null_class(self) -> int | None:
+        n = self.unet.config.num_class_embeds
+        return None if n is None else n - 1
+
+    def _labels(self, class_labels, batch):
+        if self.null_class is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given, but this UNet is unconditional (num_class_embeds is None)")
+            return None
+        if class_labels is None:
+            return torch.full((batch,), self.null_class, dtype=torch.long)
+        if isinstance(class_labels, (int, np.integer)):
+            class_labels = [int(class_labels)] * batch
+        labels = torch.as_tensor(class_labels)
+        if labels.ndim != 1 or labels.numel() != batch or labels.is_floating_point():
+            raise ValueError(f"class_labels must be an int or {batch} ints (one per measurement); got "
+                             f"shape {tuple(labels.shape)} dtype {labels.dtype}")
+        if ((labels < 0) | (labels > self.null_class)).any():
+            raise ValueError(f"class_labels out of range; allowed 0..{self.null_class} "
+                             f"({self.null_class} = null class)")
+        return labels.long()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        measurement: torch.Tensor,
+        operator: Operator,
+        method: str = "reddiff",
+        num_inference_steps: int = 50,
+        class_labels=None,
+        lr: float = 0.25,
+        lam: float = 0.25,
+        weighting: str = "linear",
+        obs_weight: float | None = None,
+        t_max: int | None = None,
+        t_min: int = 0,
+        zeta: float = 1.0,
+        eta: float = 1.0,
+        x_init: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
+        """Restore images from a measurement.
+
+        Args:
+            measurement: ``[B, ...]``, ``operator.measurement_shape([B, C, height, width])``, finite values.
+            operator: a ``gen.inverse.Operator`` (its ``sigma_y`` sets RED-Diff's data weight ``1 / sigma_y^2``).
+            method: ``"reddiff"`` (RED-Diff, Adam on ``mu``), ``"dps"`` or ``"pinv"`` (``H^+ y``, no network).
+            num_inference_steps: RED-Diff time-grid size / DPS sampler steps (one network evaluation each).
+            class_labels: int or ``[B]`` ints for a class-conditional UNet; None: the null class (unconditional).
+            lr, lam, weighting, obs_weight: RED-Diff's Adam step, ``lambda``, SNR weighting and data weight.
+            t_max, t_min: RED-Diff's descending time grid runs from ``t_max`` (default the last training step) to
+                ``t_min`` (see ``gen.inverse.reddiff_timesteps``).
+            zeta, eta: DPS step size and DDIM stochasticity.
+            x_init: RED-Diff's initial ``mu`` ``[B, C, H, W]`` in [-1, 1] (default ``H^+ y``).
+            height, width: image size (default the UNet's ``sample_size``).
+            generator: one torch generator for all noise (RED-Diff's ``eps``, DPS's initial and ancestral noise).
+            output_type: ``"pil"``, ``"np"`` (``[N,H,W,C]`` in [0,1]) or ``"pt"`` (``[N,C,H,W]`` in [0,1]).
+            callback: ``callback(i, t, x)`` after each step.
+        Returns:
+            ``InverseProblemPipelineOutput(images, nfe)`` or the tuple ``(images, nfe)``.
+        """
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+        height, width = height or size[0], width or size[1]
+        if not isinstance(measurement, torch.Tensor) or measurement.ndim < 1:
+            raise ValueError("measurement must be a torch.Tensor [B, ...]")
+        batch = measurement.shape[0]
+        x_shape = (batch, cfg.in_channels, height, width)
+        self._check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
+                         lr, lam, weighting, zeta)
+        if x_init is not None and tuple(x_init.shape) != x_shape:
+            raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
+        labels = self._labels(class_labels, batch)
+        device, dtype = self._execution_device, self.unet.dtype
+        y = measurement.to(device, dtype)
+        if labels is not None:
+            labels = labels.to(device)
+
+        def model_fn(x, t):
+            t = torch.as_tensor(t, device=x.device)
+            return self.unet(x, t.expand(x.shape[0]) if t.ndim else t, class_labels=labels).sample
+
+        pred_type = prediction_type_of(self.scheduler)
+        if method == "pinv":
+            images, nfe = operator.pinv(y, x_shape), 0
+        elif method == "reddiff":
+            mu0 = operator.pinv(y, x_shape) if x_init is None else x_init.to(device, dtype)
+            steps = reddiff_timesteps(num_inference_steps, self.scheduler.config.num_train_timesteps, t_max, t_min)
+            images = red_diff(
+                eps_predictor(model_fn, pred_type, self.scheduler), operator, y, mu0,
+                lambda t: alpha_sigma(self.scheduler, t, ndim=4, dtype=dtype, device=device), steps,
+                lr=lr, lam=lam, weighting=weighting, obs_weight=obs_weight, generator=generator,
+                callback=callback, progress=self.progress_bar,
+            )
+            nfe = num_inference_steps
+        else:
+            latents = randn_tensor(x_shape, generator=generator, device=device, dtype=dtype)
+            images = dps(model_fn, pred_type, self.scheduler, operator, y, latents, num_inference_steps, zeta=zeta,
+                         eta=eta, generator=generator, callback=callback, progress=self.progress_bar)
+            nfe = len(self.scheduler.timesteps)
+        out = self._to_output(images, output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return out, nfe
+        return InverseProblemPipelineOutput(images=out, nfe=nfe)
+
+
+class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
+    """RED-Diff / DPS / pseudo-inverse with Stable Diffusion components; the operator acts on decoded images
+    ``[B, 3, H, W]`` in [-1, 1].
+
+    RED-Diff here: ``mu`` is the latent mean, initialised at ``E(H^+ y)`` (VAE encoder mean times
+    ``scaling_factor``); ``x_t = alpha_t mu + sigma_t eps`` feeds the text-conditioned UNet without gradient, and the
+    data term ``w ||y - H(D(mu))||^2 / 2`` is differentiated through the decoder ``D`` only.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompt, batch: int, device) -> torch.Tensor:
+        """CLIP text embeddings ``[B, L, D]`` of ``prompt`` (a string for all, or one per measurement)."""
+        if isinstance(prompt, str):
+            prompt = [prompt] * batch
+        if not isinstance(prompt, (list, tuple)) or len(prompt) != batch or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a string or a list of {batch} strings (one per measurement)")
+        ids = self.tokenizer(list(prompt), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return self.text_encoder(ids)[0]
+
+    def _decode(self, z):
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    def _encode(self, x):
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        measurement: torch.Tensor,
+        operator: Operator,
+        prompt: str | list[str] = "",
+        method: str = "reddiff",
+        num_inference_steps: int = 50,
+        lr: float = 0.1,
+        lam: float = 0.25,
+        weighting: str = "linear",
+        obs_weight: float | None = None,
+        t_max: int | None = None,
+        t_min: int = 0,
+        zeta: float = 1.0,
+        eta: float = 1.0,
+        x_init: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
+        """Restore images from a measurement of ``[B, 3, height, width]`` images in [-1, 1].
+
+        Args are those of :meth:`RedDiffPipeline.__call__`, plus ``prompt`` (text conditioning of the UNet) and
+        ``x_init`` (an initial image ``[B, 3, H, W]``, encoded to the initial latent ``mu``).
+        """
+        f = self.vae_scale_factor
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        height, width = height or size[0] * f, width or size[1] * f
+        if height % f or width % f:
+            raise ValueError(f"height and width must be divisible by the VAE factor {f}; got {height}x{width}")
+        if not isinstance(measurement, torch.Tensor) or measurement.ndim < 1:
+            raise ValueError("measurement must be a torch.Tensor [B, ...]")
+        batch = measurement.shape[0]
+        x_shape = (batch, self.vae.config.in_channels, height, width)
+        self._check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
+                         lr, lam, weighting, zeta)
+        if x_init is not None and tuple(x_init.shape) != x_shape:
+            raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
+        device, dtype = self._execution_device, self.unet.dtype
+        y = measurement.to(device, dtype)
+        if method == "pinv":
+            images = operator.pinv(y, x_shape)
+            out = self._to_output(images, output_type, self.numpy_to_pil)
+            return InverseProblemPipelineOutput(images=out, nfe=0) if return_dict else (out, 0)
+
+        text = self.encode_prompt(prompt, batch, device)
+        latent_shape = (batch, self.unet.config.in_channels, height // f, width // f)
+
+        def model_fn(z, t):
+            t = torch.as_tensor(t, device=z.device)
+            return self.unet(z, t.expand(z.shape[0]) if t.ndim else t, encoder_hidden_states=text).sample
+
+        pred_type = prediction_type_of(self.scheduler)
+        if method == "reddiff":
+            start = operator.pinv(y, x_shape) if x_init is None else x_init.to(device, dtype)
+            mu0 = self._encode(start.clamp(-1, 1))
+            steps = reddiff_timesteps(num_inference_steps, self.scheduler.config.num_train_timesteps, t_max, t_min)
+            z = red_diff(
+                eps_predictor(model_fn, pred_type, self.scheduler), operator, y, mu0,
+                lambda t: alpha_sigma(self.scheduler, t, ndim=4, dtype=dtype, device=device), steps,
+                lr=lr, lam=lam, weighting=weighting, obs_weight=obs_weight, generator=generator,
+                decode=self._decode, callback=callback, progress=self.progress_bar,
+            )
+            nfe = num_inference_steps
+        else:
+            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+            z = dps(model_fn, pred_type, self.scheduler, operator, y, latents, num_inference_steps, zeta=zeta,
+                    eta=eta, generator=generator, decode=self._decode, callback=callback, progress=self.progress_bar)
+            nfe = len(self.scheduler.timesteps)
+        images = self._decode(z)
+        out = self._to_output(images, output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return out, nfe
+        return InverseProblemPipelineOutput(images=out, nfe=nfe)
