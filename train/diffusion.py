@@ -26,37 +26,24 @@ from diffusers import DDPMScheduler  # noqa: E402
 from gen.data.build import build_image_dataset  # noqa: E402
 from gen.diffusion import from_x0_eps, make_scheduler  # noqa: E402
 from gen.models.unet import build_unet  # noqa: E402
-from gen.training import TrainConfig, TrainLoop, draw_batch, make_accelerator, parse_config  # noqa: E402
+from gen.training import ImageTrainConfig, TrainLoop, draw_batch, make_accelerator, parse_config  # noqa: E402
 from gen.training.config import _choice  # noqa: E402
 
 logger = logging.getLogger("train.diffusion")
 
 
 @dataclasses.dataclass
-class DiffusionTrainConfig(TrainConfig):
-    dataset: str = dataclasses.field(default="digits16", metadata={"help": "digits16 | folder"})
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "image folder (dataset=folder)"})
-    resolution: int = dataclasses.field(default=16, metadata={"help": "image size (dataset=folder)"})
-    channels: int = dataclasses.field(default=1, metadata={"help": "1 or 3 (dataset=folder)"})
-    random_flip: bool = False
-    unet_preset: str = dataclasses.field(default="digits", metadata={"help": "digits | tiny"})
+class DiffusionTrainConfig(ImageTrainConfig):
     num_train_timesteps: int = 1000
     beta_schedule: str = dataclasses.field(default="squaredcos_cap_v2",
                                            metadata={"help": "linear | scaled_linear | squaredcos_cap_v2"})
     prediction_type: str = dataclasses.field(default="epsilon", metadata={"help": "epsilon | v_prediction | sample"})
-    label_dropout: float = dataclasses.field(default=0.1, metadata={"help": "P(label -> null class) for CFG"})
     inference_scheduler: str = dataclasses.field(default="ddim", metadata={"help": "scheduler saved with the pipeline"})
 
     def validate(self) -> None:
         super().validate()
-        _choice(self, "dataset", ("digits16", "folder"))
-        _choice(self, "unet_preset", ("digits", "tiny"))
         _choice(self, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _choice(self, "prediction_type", ("epsilon", "v_prediction", "sample"))
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
-        if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("dataset=folder needs data_dir")
         make_scheduler(self.inference_scheduler)  # raises for unknown names
 
 

@@ -33,20 +33,14 @@ from gen.gbm import (  # noqa: E402
     fit_log_stats,
     mdsm_loss,
 )
-from gen.training import TrainConfig, TrainLoop, draw_batch, make_accelerator, parse_config  # noqa: E402
+from gen.training import ImageTrainConfig, TrainLoop, draw_batch, make_accelerator, parse_config  # noqa: E402
 from gen.training.config import _choice  # noqa: E402
 
 logger = logging.getLogger("train.gbm")
 
 
 @dataclasses.dataclass
-class GBMTrainConfig(TrainConfig):
-    dataset: str = dataclasses.field(default="digits16", metadata={"help": "digits16 | folder"})
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "image folder (dataset=folder)"})
-    resolution: int = dataclasses.field(default=16, metadata={"help": "image size (dataset=folder)"})
-    channels: int = dataclasses.field(default=1, metadata={"help": "1 or 3 (dataset=folder)"})
-    random_flip: bool = False
-    unet_preset: str = dataclasses.field(default="digits", metadata={"help": "digits | tiny"})
+class GBMTrainConfig(ImageTrainConfig):
     num_train_timesteps: int = 1000
     sigma_schedule: str = dataclasses.field(default="geometric", metadata={"help": "constant | geometric"})
     sigma_min: float = dataclasses.field(default=0.005, metadata={"help": "log-space noise scale at t -> 0"})
@@ -58,21 +52,14 @@ class GBMTrainConfig(TrainConfig):
                                          metadata={"help": "apply the offset (false: data must already be > 0)"})
     prediction_type: str = dataclasses.field(default="log_eps", metadata={"help": "log_eps | hyvarinen | x0"})
     loss_weighting: str = dataclasses.field(default="simple", metadata={"help": "simple | mdsm"})
-    label_dropout: float = dataclasses.field(default=0.1, metadata={"help": "P(label -> null class) for CFG"})
     sampler: str = dataclasses.field(default="ddim", metadata={"help": "default sampler saved with the pipeline"})
 
     def validate(self) -> None:
         super().validate()
-        _choice(self, "dataset", ("digits16", "folder"))
-        _choice(self, "unet_preset", ("digits", "tiny"))
         _choice(self, "sigma_schedule", GBM_SCHEDULES)
         _choice(self, "prediction_type", GBM_PREDICTION_TYPES)
         _choice(self, "loss_weighting", LOSS_WEIGHTINGS)
         _choice(self, "sampler", GBM_SAMPLERS)
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
-        if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("dataset=folder needs data_dir")
         # sigma <= 0, sigma_min >= sigma_max, bad mu: the scheduler names the problem
         GBMScheduler(num_train_timesteps=self.num_train_timesteps, sigma_schedule=self.sigma_schedule,
                      sigma_min=self.sigma_min, sigma_max=self.sigma_max, mu=self.mu)

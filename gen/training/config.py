@@ -59,6 +59,28 @@ class TrainConfig:
             raise ValueError("max_grad_norm, lr_warmup_steps and weight_decay must be >= 0")
 
 
+@dataclasses.dataclass
+class ImageTrainConfig(TrainConfig):
+    """Settings of trainers on (class-labelled) images with a UNet preset: the dataset, the UNet, label dropout."""
+
+    dataset: str = dataclasses.field(default="digits16", metadata={"help": "digits16 | folder"})
+    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "image folder (dataset=folder)"})
+    resolution: int = dataclasses.field(default=16, metadata={"help": "image size (dataset=folder)"})
+    channels: int = dataclasses.field(default=1, metadata={"help": "1 or 3 (dataset=folder)"})
+    random_flip: bool = False
+    unet_preset: str = dataclasses.field(default="digits", metadata={"help": "digits | tiny"})
+    label_dropout: float = dataclasses.field(default=0.1, metadata={"help": "P(label -> null class) for CFG"})
+
+    def validate(self) -> None:
+        super().validate()
+        _choice(self, "dataset", ("digits16", "folder"))
+        _choice(self, "unet_preset", ("digits", "tiny"))
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("dataset=folder needs data_dir")
+
+
 def _positive(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 1:
