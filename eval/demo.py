@@ -116,6 +116,8 @@ SECTIONS = {
     "inverse": _script_section("eval/inverse.py"),
     "gbm": _script_section("eval/gbm.py"),
     "interpolants": _script_section("eval/interpolants.py"),
+    "fdistill": _script_section("eval/fdistill.py"),
+    "alignprop": _script_section("eval/alignprop.py"),
 }
 
 

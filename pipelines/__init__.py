@@ -3,9 +3,11 @@
 from .class_conditional import ClassConditionalPipeline, ClassConditionalPipelineOutput
 from .gbm import GBMPipeline
 from .interpolant import InterpolantPipeline, InterpolantPipelineOutput
+from .one_step import OneStepPipeline, OneStepPipelineOutput
 from .red_diff import InverseProblemPipelineOutput, LatentRedDiffPipeline, RedDiffPipeline
 
 __all__ = [
+    "ClassConditionalLoraPipeline",
     "ClassConditionalPipeline",
     "ClassConditionalPipelineOutput",
     "GBMPipeline",
@@ -14,8 +16,11 @@ __all__ = [
     "InterpolantPipeline",
     "InterpolantPipelineOutput",
     "InverseProblemPipelineOutput",
+    "OneStepPipeline",
+    "OneStepPipelineOutput",
     "LatentRedDiffPipeline",
     "RedDiffPipeline",
+    "UNetLoraLoaderMixin",
 ]
 
 
@@ -25,4 +30,8 @@ def __getattr__(name):
         from . import guided_sd
 
         return getattr(guided_sd, name)
+    if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
+        from . import lora
+
+        return getattr(lora, name)
     raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

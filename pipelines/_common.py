@@ -30,6 +30,21 @@ def check_sampling_args(num_inference_steps, guidance_scale, output_type, genera
         raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one, or one per image")
 
 
+def initial_noise(unet, batch: int, latents, generator, device, dtype) -> torch.Tensor:
+    """The starting noise ``[batch, C, H, W]`` of a pipeline on ``unet``: drawn with ``generator``, or the given
+    ``latents`` after a shape check (``ValueError`` naming both shapes)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    shape = (batch, cfg.in_channels, *size)
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents shape {tuple(latents.shape)} != expected {shape}")
+    return latents.to(device=device, dtype=dtype)
+
+
 def images_to_output(pipe, images: torch.Tensor, output_type: str):
     """``[N, C, H, W]`` images in [0, 1] -> torch (``"pt"``), numpy ``[N, H, W, C]`` (``"np"``) or PIL list."""
     if output_type == "pt":

@@ -20,11 +20,10 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from gen.diffusion import make_scheduler
 
-from ._common import check_sampling_args, images_to_output, nfe_value
+from ._common import check_sampling_args, images_to_output, initial_noise, nfe_value
 from ._loading import guarded_from_pretrained
 
 
@@ -168,15 +167,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if guider is not None and labels is None:
             raise ValueError("a guider needs class labels (the unconditional branch is the null class)")
         device, dtype = self._execution_device, self.unet.dtype
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-        shape = (batch, cfg.in_channels, *size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents shape {tuple(latents.shape)} != expected {shape}")
-        else:
-            latents = latents.to(device=device, dtype=dtype)
+        latents = initial_noise(self.unet, batch, latents, generator, device, dtype)
         if labels is not None:
             labels = labels.to(device)
 

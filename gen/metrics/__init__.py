@@ -20,6 +20,7 @@ from gen.metrics.features import (
 )
 from gen.metrics.fid import FeatureStats, frechet_distance, kid, load_stats, save_stats, torchmetrics_fid_kid
 from gen.metrics.image import class_accuracy, psnr, saturation, ssim
+from gen.metrics.samples import mmd_rbf, sliced_wasserstein
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -35,6 +36,7 @@ __all__ = [
     "load_dataset_uint8",
     "load_image_folder_uint8",
     "load_stats",
+    "mmd_rbf",
     "psnr",
     "quantize_uint8",
     "resize_bilinear_tf1",
@@ -42,6 +44,7 @@ __all__ = [
     "sample_pipeline_uint8",
     "saturation",
     "save_stats",
+    "sliced_wasserstein",
     "ssim",
     "torchmetrics_fid_kid",
     "write_reference",

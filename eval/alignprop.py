@@ -1,0 +1,486 @@
+"""AlignProp benchmark: reward curve on held-out labels, memory and time against K, and TRL side by side.
+
+    python eval/alignprop.py --out eval/results/alignprop --run RUN_DIR     [--only curve|memory|trl]
+
+Parts:
+1. ``curve``: the trainer's held-out evaluations (``RUN_DIR/eval.jsonl`` from ``train/alignprop.py``): mean reward
+   on held-out labels, FID-digits (500 samples of all labels vs the digits16 test split) and FID-digits against
+   the base model's samples of the same labels and noise (the drift), against training steps. Plot + rows.
+2. ``memory``: one training step (sample T DDIM steps with gradients, digits-classifier reward, backward, AdamW)
+   of the digits teacher with rank-4 LoRA, for K in {1, 5, T} with gradient checkpointing on and off. Each
+   configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_`` fixed (freed tensors go back to the
+   OS, so RSS tracks live memory). Reported: seconds per step (mean of timed steps after one warm-up), the
+   process's peak RSS (``os.wait4`` ru_maxrss), the step's RSS high-water above the pre-step RSS
+   (``/proc/self/clear_refs`` reset, then ``VmHWM``; the target measure) and the bytes autograd saves for
+   backward (``torch.autograd.graph.saved_tensors_hooks``; excludes checkpoint recomputation).
+   On CUDA the worker reports ``torch.cuda.max_memory_allocated`` instead.
+3. ``trl``: TRL 0.23.1's ``AlignPropTrainer`` and ours on the same tiny Stable Diffusion folder
+   (``gen.models.tiny_sd.build_tiny_sd``), same T, K, batch, CFG, eta, LoRA (r=4, alpha=4, to_q/k/v/out.0),
+   AdamW, clipping: seconds per step and the same memory measures, each in its own subprocess.
+
+Writes ``results.json``, ``reward_curve.png`` and ``rows.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+logger = logging.getLogger("eval.alignprop")
+PARTS = ("curve", "memory", "trl")
+MMAP_THRESHOLD = "131072"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory helpers (run inside the worker subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class SavedBytes:
+    """Sum of the bytes of tensors autograd saves for backward while active (distinct storages; the storages of
+    ``modules``' parameters and buffers, which exist anyway, are not counted)."""
+
+    def __init__(self, modules=()):
+        self.seen, self.total = set(), 0
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                self.seen.add((t.untyped_storage().data_ptr(), t.device))
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x)
+
+    def pack(self, t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.total += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    def __enter__(self):
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def _measure_steps(step_fn, n_steps: int, device, modules=()) -> dict:
+    """One warm-up step, then ``n_steps`` timed steps with the RSS high-water reset before them."""
+    step_fn(None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _status_kb("VmRSS")
+    hwm_before = _status_kb("VmHWM")
+    reset = _reset_hwm()
+    saved = SavedBytes(modules)
+    times = []
+    for i in range(n_steps):
+        t0 = time.perf_counter()
+        step_fn(saved if i == 0 else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = {"s_per_step": sorted(times)[len(times) // 2], "mean_s_per_step": sum(times) / len(times),
+           "step_times": [round(t, 4) for t in times],
+           "rss_before_mb": rss0 / 1024, "hwm_before_mb": hwm_before / 1024, "hwm_reset": reset,
+           "saved_tensor_mb": saved.total / 2 ** 20}
+    if reset:
+        out["step_peak_rss_mb"] = (_status_kb("VmHWM") - rss0) / 1024
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------------------------------------------
+def worker_ours(spec: dict) -> dict:
+    """One configuration of our trainer's step (digits teacher or a Stable Diffusion folder)."""
+    from gen.reward import LoraParameters, add_lora, build_reward, check_reward, sample_with_grad  # noqa: F401
+    from tests.conftest import load_script  # a script loader that needs no test fixtures
+
+    alignprop = load_script("train/alignprop.py")
+    torch.manual_seed(0)
+    args = ["--config", str(ROOT / spec["config"]), "--output_dir", "/tmp/unused", *spec.get("overrides", [])]
+    cfg = alignprop.parse_config(alignprop.AlignPropConfig, args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = alignprop.load_model(cfg)
+    pipe.to(device)
+    for name in ("unet", "vae", "text_encoder"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    reward = build_reward(cfg.rewards).to(device)
+    params = list(LoraParameters(pipe.unet).parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    backend = alignprop.make_backend(cfg, pipe, pipe.unet)
+    prompts = alignprop.read_prompts(cfg.prompts, cfg.prompt_file)
+    trunc = cfg.truncation_spec()
+    g = torch.Generator().manual_seed(0)
+
+    def step(saved):
+        batch = [prompts[int(i)] for i in torch.randint(0, len(prompts), (cfg.train_batch_size,), generator=g)]
+        if saved is not None:
+            with saved:
+                images, _ = alignprop.generate(cfg, backend, batch, device, g, trunc)
+                loss = alignprop.compute_loss(cfg, check_reward(reward(images, batch), len(batch)))
+        else:
+            images, _ = alignprop.generate(cfg, backend, batch, device, g, trunc)
+            loss = alignprop.compute_loss(cfg, check_reward(reward(images, batch), len(batch)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    parts = [getattr(pipe, n) for n in ("unet", "vae", "text_encoder") if getattr(pipe, n, None) is not None]
+    return _measure_steps(step, spec.get("n_steps", 3), device, [*parts, reward])
+
+
+def worker_trl(spec: dict) -> dict:
+    """TRL 0.23.1 AlignPropTrainer.step on the same Stable Diffusion folder."""
+    import random
+
+    from accelerate import PartialState
+
+    PartialState()  # TRL's pipeline code asks for the state before the trainer creates its Accelerator
+    from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+
+    from gen.reward import build_reward
+
+    torch.manual_seed(0)
+    random.seed(0)
+    s = spec["trl"]
+    T, K = s["steps"], s["k"]
+    cfg = AlignPropConfig(num_epochs=1000, sample_num_steps=T, sample_eta=s["eta"],
+                          sample_guidance_scale=s["guidance_scale"], train_batch_size=s["batch"],
+                          train_learning_rate=s["lr"], train_max_grad_norm=s["max_grad_norm"],
+                          train_adam_weight_decay=s["weight_decay"], mixed_precision="no",
+                          truncated_backprop_rand=False, truncated_backprop_timestep=T - K, log_with=None,
+                          save_freq=10 ** 9, logdir=spec["tmp"], project_kwargs={"project_dir": spec["tmp"]})
+    pipe = DefaultDDPOStableDiffusionPipeline(spec["sd_folder"], use_lora=True)
+    reward = build_reward(s["rewards"])
+    prompts = s["prompts"]
+
+    def reward_fn(images, prompts_, metadata):
+        return reward(images, list(prompts_)), {}
+
+    def prompt_fn():
+        return random.choice(prompts), {}
+
+    trainer = AlignPropTrainer(cfg, reward_fn, prompt_fn, pipe)
+    device = trainer.accelerator.device
+    state = {"epoch": 0, "gs": 0}
+
+    def step(saved):
+        if saved is not None:
+            with saved:
+                state["gs"] = trainer.step(state["epoch"], state["gs"])
+        else:
+            state["gs"] = trainer.step(state["epoch"], state["gs"])
+        state["epoch"] += 1
+
+    return _measure_steps(step, spec.get("n_steps", 3), device, [pipe.unet, pipe.vae, pipe.text_encoder, reward])
+
+
+def run_worker(spec: dict, threads: int) -> dict:
+    """Run one worker spec in a fresh subprocess; add its peak RSS (os.wait4 ru_maxrss)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD,
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec),
+                             "--threads", str(threads)], env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec.get('name')} failed ({proc.returncode}):\n{err[-3000:]}")
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    res["peak_rss_mb"] = max(res.pop("_maxrss_kb") / 1024, res.get("hwm_before_mb", 0))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parts
+# ---------------------------------------------------------------------------------------------------------------
+def part_curve(args) -> dict:
+    run = Path(args.run)
+    evals = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines() if ln.strip()]
+    logs = [json.loads(ln) for ln in (run / "logs.jsonl").read_text().splitlines() if ln.strip()]
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    return {"run": str(run), "config": cfg, "evals": evals, "train_logs": logs}
+
+
+def part_memory(args) -> list[dict]:
+    rows = []
+    T = args.memory_steps
+    for k in sorted({1, min(5, T), T}):
+        for ckpt in (True, False):
+            spec = {"kind": "ours", "name": f"K={k} ckpt={'on' if ckpt else 'off'}", "config":
+                    "configs/alignprop_digits.yaml", "n_steps": args.n_steps,
+                    "overrides": ["--num_inference_steps", str(T), "--truncation", "fixed", "--backprop_k", str(k),
+                                  "--gradient_checkpointing", str(ckpt).lower(), "--train_batch_size",
+                                  str(args.memory_batch)]}
+            res = run_worker(spec, args.threads)
+            res.update(k=k, checkpointing=ckpt, steps=T, batch=args.memory_batch)
+            logger.info("%s: %.3f s/step, step peak RSS %.1f MB, saved %.1f MB, peak RSS %.0f MB", spec["name"],
+                        res["s_per_step"], res.get("step_peak_rss_mb", float("nan")), res["saved_tensor_mb"],
+                        res["peak_rss_mb"])
+            rows.append(res)
+    return rows
+
+
+def _tiny_sd_folder(folder: Path, sample_size: int) -> str:
+    from diffusers import StableDiffusionPipeline
+
+    from gen.models.tiny_sd import build_tiny_sd
+
+    parts = build_tiny_sd(0)
+    parts["unet"].register_to_config(sample_size=sample_size)
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return str(folder)
+
+
+def part_trl(args) -> list[dict]:
+    import tempfile
+
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        logger.warning("trl is not installed (pip install --no-deps trl==0.23.1): skipping the TRL comparison")
+        return []
+    tmp = Path(tempfile.mkdtemp(prefix="alignprop_trl_"))
+    folder = _tiny_sd_folder(tmp / "tiny_sd", args.trl_latent)
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    rows = []
+    for k in (1, args.trl_steps):
+        common = dict(steps=args.trl_steps, k=k, eta=0.0, guidance_scale=5.0, batch=args.trl_batch, lr=1e-3,
+                      max_grad_norm=1.0, weight_decay=1e-4, rewards="contrast:1.0", prompts=prompts)
+        spec_trl = {"kind": "trl", "name": f"TRL K={k}", "sd_folder": folder, "tmp": str(tmp / f"trl{k}"),
+                    "trl": common, "n_steps": args.n_steps}
+        spec_ours = {"kind": "ours", "name": f"ours K={k}", "config": "configs/alignprop_sd15.yaml",
+                     "n_steps": args.n_steps,
+                     "overrides": ["--pretrained_model", folder, "--resolution", "none", "--mixed_precision", "no",
+                                   "--num_inference_steps", str(args.trl_steps),
+                                   "--truncation", "fixed", "--backprop_k", str(k), "--eta", "0.0",
+                                   "--guidance_scale", "5.0", "--train_batch_size", str(args.trl_batch),
+                                   "--rewards", "contrast:1.0", "--prompts", ",".join(prompts),
+                                   "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3",
+                                   "--weight_decay", "1e-4", "--max_grad_norm", "1.0", "--gradient_checkpointing",
+                                   "true", "--loss_type", "target", "--reward_target", "10"]}
+        spec_ours_nodec = dict(spec_ours, name=f"ours K={k} (decoder not checkpointed, as TRL)",
+                               overrides=[*spec_ours["overrides"], "--checkpoint_decoder", "false"])
+        for spec, impl in ((spec_trl, "trl"), (spec_ours, "ours"), (spec_ours_nodec, "ours_nodec")):
+            reps = []
+            for rep in range(args.reps):  # fresh subprocess each time; the best repetition is kept (CPU noise)
+                res = run_worker(spec, args.threads)
+                logger.info("%s (rep %d): %.3f s/step (median), step peak RSS %.1f MB, peak RSS %.0f MB", spec["name"],
+                            rep, res["s_per_step"], res.get("step_peak_rss_mb", float("nan")), res["peak_rss_mb"])
+                reps.append(res)
+            best = min(reps, key=lambda r: r["s_per_step"])
+            best.update(impl=impl, k=k, steps=args.trl_steps, batch=args.trl_batch, image_size=args.trl_latent * 2,
+                        reps=[{k2: r.get(k2) for k2 in ("s_per_step", "step_peak_rss_mb", "peak_rss_mb")}
+                              for r in reps],
+                        min_step_peak_rss_mb=min(r.get("step_peak_rss_mb", float("inf")) for r in reps))
+            rows.append(best)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------
+def report(results: dict, out: Path) -> str:
+    lines = []
+    curve = results.get("curve")
+    if curve:
+        ev = curve["evals"]
+        base = ev[0]
+        lines += ["| step | held-out reward (log p(label)) | FID-digits vs test | FID-digits vs base model |"
+                  " class accuracy |", "|---|---|---|---|---|"]
+        for e in ev:
+            lines.append(f"| {e['step']} | {e['eval_reward']:.4f} | {e.get('fid_digits', float('nan')):.2f} | "
+                         f"{e.get('fid_vs_base', float('nan')):.2f} | {100 * e.get('class_accuracy', 0):.1f} % |")
+        lines.append(f"\nheld-out reward {base['eval_reward']:.4f} -> {ev[-1]['eval_reward']:.4f} "
+                     f"(step {ev[-1]['step']}); FID-digits {base.get('fid_digits', 0):.2f} -> "
+                     f"{ev[-1].get('fid_digits', 0):.2f}\n")
+    mem = results.get("memory")
+    if mem:
+        full = {r["checkpointing"]: r for r in mem if r["k"] == r["steps"]}
+        ref = full.get(False)
+        lines += ["| K | checkpointing | s / step | step peak RSS (MB) | x full backprop | autograd saved (MB) |"
+                  " process peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
+        for r in mem:
+            ratio = r.get("step_peak_rss_mb", 0) / ref["step_peak_rss_mb"] if ref and ref.get("step_peak_rss_mb") \
+                else float("nan")
+            name = f"{r['k']}{' (all)' if r['k'] == r['steps'] else ''}"
+            lines.append(f"| {name} | {'on' if r['checkpointing'] else 'off'}"
+                         f" | {r['s_per_step']:.3f} | {r.get('step_peak_rss_mb', float('nan')):.1f} | {ratio:.2f} | "
+                         f"{r['saved_tensor_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append("")
+    trl_rows = results.get("trl")
+    if trl_rows:
+        lines += ["| impl | K | T | batch | s / step | step peak RSS (MB) | autograd saved (MB) |"
+                  " process peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in trl_rows:
+            impl = {"trl": "TRL 0.23.1 AlignPropTrainer", "ours": "gen train/alignprop.py",
+                    "ours_nodec": "gen, decoder not checkpointed"}[r["impl"]]
+            lines.append(f"| {impl} | "
+                         f"{r['k']} | {r['steps']} | {r['batch']} | {r['s_per_step']:.3f} | "
+                         f"{r.get('step_peak_rss_mb', float('nan')):.1f} | {r['saved_tensor_mb']:.1f} | "
+                         f"{r['peak_rss_mb']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    (out / "rows.md").write_text(md)
+    if curve:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return md
+        ev = curve["evals"]
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        steps = [e["step"] for e in ev]
+        held = ", ".join(map(str, curve["config"].get("eval_prompts", [])))
+        ax.plot(steps, [e["eval_reward"] for e in ev], "o-", color="C0", label=f"held-out reward (labels {held})")
+        logs = curve["train_logs"]
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean log p(label | x)  (higher is better)", color="C0")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [e.get("fid_digits", float("nan")) for e in ev], "s--", color="C1", label="FID-digits vs test")
+        ax2.plot(steps, [e.get("fid_vs_base", float("nan")) for e in ev], "^:", color="C2",
+                 label="FID-digits vs base model")
+        ax2.set_ylabel("FID-digits", color="C1")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+        ax.set_title(f"AlignProp on the digits teacher ({len(logs) and logs[-1]['step']} steps)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "reward_curve.png", dpi=120)
+        plt.close(fig)
+    return md
+
+
+def demo_section(out: Path, args) -> dict:
+    """`make demo`: held-out digits (labels 1, 2, 5) before and after the shipped AlignProp LoRA, same noise.
+
+    64 samples per label (10 DDIM steps, seed ``args.seed``); the mean digits-classifier log-probability of each
+    set; a grid of the 8 samples per label that the teacher does worst on (rows 1-3) next to the LoRA's samples
+    of the same noise (rows 4-6).
+    """
+    from gen.data.images import save_grid
+    from gen.reward import build_reward
+    from pipelines.lora import ClassConditionalLoraPipeline
+
+    t0 = time.time()
+    lora = ROOT / "checkpoints" / "digits-alignprop-lora"
+    pipe = ClassConditionalLoraPipeline.from_pretrained(ROOT / "checkpoints" / "digits-teacher")
+    pipe.set_progress_bar_config(disable=True)
+    held, per = [1, 2, 5], 64
+    labels = torch.tensor(held).repeat_interleave(per)
+    seed = getattr(args, "seed", 0)
+    reward = build_reward("digits_classifier:1.0")
+
+    def run():
+        img = pipe(class_labels=labels, num_inference_steps=10, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed)).images
+        with torch.no_grad():
+            return img, reward(img, labels.tolist())
+
+    before, r_before = run()
+    pipe.load_lora_weights(lora)
+    after, r_after = run()
+    worst = torch.cat([i * per + r_before[i * per:(i + 1) * per].argsort()[:8] for i in range(len(held))])
+    grid = torch.cat([before[worst], after[worst]]) * 2 - 1
+    path = save_grid(grid, out / "alignprop_before_after.png", nrow=8, upscale=4)
+    res = {"grid": str(path), "labels": held, "samples_per_label": per,
+           "reward_before": float(r_before.mean()), "reward_after": float(r_after.mean()),
+           "p_label_below_0.5_before": float((r_before.exp() < 0.5).float().mean()),
+           "p_label_below_0.5_after": float((r_after.exp() < 0.5).float().mean()), "lora": str(lora),
+           "wall_time_s": round(time.time() - t0, 1)}
+    logger.info("wrote %s (rows 1-3: the teacher's 8 lowest-reward samples per label 1, 2, 5; rows 4-6: the same noise "
+                "with the AlignProp LoRA; 10 DDIM steps). Mean log p(label) over %d samples: %.4f -> %.4f; "
+                "share with p(label) < 0.5: %.3f -> %.3f (%.1f s)", path, len(labels), res["reward_before"],
+                res["reward_after"], res["p_label_below_0.5_before"], res["p_label_below_0.5_after"],
+                res["wall_time_s"])
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="eval/results/alignprop")
+    p.add_argument("--run", default="checkpoints/digits-alignprop-lora/run", help="trainer output folder (curve)")
+    p.add_argument("--only", choices=PARTS, action="append")
+    p.add_argument("--report", action="store_true", help="only rebuild rows.md and the plot from results.json")
+    p.add_argument("--memory_steps", type=int, default=10, help="T for the memory part")
+    p.add_argument("--memory_batch", type=int, default=8)
+    p.add_argument("--trl_steps", type=int, default=10)
+    p.add_argument("--trl_batch", type=int, default=2)
+    p.add_argument("--trl_latent", type=int, default=16, help="tiny SD latent side (images are 2x)")
+    p.add_argument("--n_steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    p.add_argument("--reps", type=int, default=2, help="TRL part: fresh-process repetitions per configuration")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._worker:
+        import resource
+
+        spec = json.loads(args._worker)
+        res = worker_trl(spec) if spec["kind"] == "trl" else worker_ours(spec)
+        res["_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print("RESULT " + json.dumps(res), flush=True)
+        return res
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.report:
+        for part in args.only or PARTS:
+            t0 = time.time()
+            results[part] = {"curve": part_curve, "memory": part_memory, "trl": part_trl}[part](args)
+            logger.info("%s done in %.0f s", part, time.time() - t0)
+        results["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
+                              "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+                              "date": time.strftime("%Y-%m-%d")}
+        path.write_text(json.dumps(results, indent=2))
+    md = report(results, out)
+    print(md)
+    return results
+
+
+if __name__ == "__main__":
+    from gen.cli import run_main
+
+    run_main(main)

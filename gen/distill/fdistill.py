@@ -1,0 +1,472 @@
+"""f-distill: one-step generators by f-divergence distribution matching (Xu, Nie & Vahdat 2025, arXiv 2502.15681).
+
+Symbols (paper -> code):
+    G_theta(z)              ``x_gen``: the one-step student's sample, ``generate``
+    x_t = a_t x + s_t eps   ``x_t`` with ``a_t, s_t = alpha_sigma(scheduler, t)``
+    grad log p_t            teacher score, through its x0 prediction ``x0_teacher``
+    grad log q_t            fake-score network (trained on student samples by DSM), ``x0_fake``
+    s_p - s_q = (a_t / s_t^2) (x0_teacher - x0_fake)
+    r = p_t / q_t           ``exp(D(x_t))``: the discriminator's logit estimates log r
+    h(r) = r^2 f''(r)       :mod:`gen.distill.divergences`
+
+Student loss (FastGen's ``variational_score_distillation_loss`` form):
+    r  <- clip(exp(clamp(logit, -10, 10)), 0.1, 20), divided by its running mean in the time bin of t
+    h  <- h(r) / mean_batch(h)                                  (both means all-reduced across processes)
+    w  = 1 / mean_CHW |x_gen - x0_teacher|                      (DMD per-sample normaliser)
+    g  = h w (x0_fake - x0_teacher)
+    L_G = 0.5 mean (x_gen - sg(x_gen - g))^2 + lambda_gan softplus(-D(x_t))     (dL/dx_gen is g / numel)
+Critic (fake score + discriminator head) loss:
+    L_C = || net_fake(x_t(sg x_gen)) - target ||^2 + softplus(D(x_t(sg x_gen))) + softplus(-D(x_t(x_real)))
+The discriminator is a small head on the fake-score network's mid-level features (DMD2), or on the frozen
+teacher's (FastGen). All ratio maths is done in float32 whatever the networks' precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen.diffusion import alpha_sigma, from_x0_eps, prediction_type_of, to_x0_eps
+
+from .divergences import get_divergence
+
+# ---------------------------------------------------------------------------------------------------------------
+# networks
+
+
+def call_net(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    """``net(x, t, **cond)`` for a Diffusers UNet (``.sample``), a ``TimeMLP`` or any module returning a tensor.
+
+    ``cond`` is the conditioning as keyword arguments: ``{"class_labels": labels}`` for class-conditional UNets and
+    MLPs, ``{"encoder_hidden_states": emb}`` for text-conditional UNets, ``{}``/None for unconditional models.
+    """
+    out = net(x, t, **(cond or {}))
+    return out.sample if hasattr(out, "sample") else out
+
+
+def default_feature_module(net: nn.Module) -> tuple[str, str]:
+    """``(module name, "output" | "input")`` of the features a discriminator head reads from ``net``:
+    the UNet mid block's output, or the input of an MLP's output projection."""
+    names = [n for n, _ in net.named_modules()]  # wrappers (peft, DDP) prefix the names
+    for leaf, where in (("mid_block", "output"), ("out_proj", "input")):
+        hits = [n for n in names if n == leaf or n.endswith("." + leaf)]
+        if hits:
+            return min(hits, key=len), where
+    raise ValueError(f"no default feature layer for {type(net).__name__}; pass feature_module=(name, 'output'|'input')")
+
+
+class FeatureTap:
+    """Keeps the most recent features of one submodule of ``net`` (a forward hook; no change to the network).
+
+    Args:
+        net: the network whose features to read.
+        module: ``(name, "output" | "input")``; None picks :func:`default_feature_module`.
+    """
+
+    def __init__(self, net: nn.Module, module: tuple[str, str] | None = None):
+        name, where = module or default_feature_module(net)
+        mods = dict(net.named_modules())
+        if name not in mods:
+            raise ValueError(f"feature module {name!r} not found in {type(net).__name__}")
+        if where not in ("output", "input"):
+            raise ValueError(f"feature position must be 'output' or 'input'; got {where!r}")
+        self.name, self.features = name, None
+        if where == "output":
+            self._handle = mods[name].register_forward_hook(self._keep_output)
+        else:
+            self._handle = mods[name].register_forward_pre_hook(self._keep_input)
+
+    def _keep_output(self, module, args, output):
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def _keep_input(self, module, args):
+        self.features = args[0]
+
+    def pop(self) -> torch.Tensor:
+        feats, self.features = self.features, None
+        if feats is None:
+            raise RuntimeError(f"no features captured from {self.name!r}: call the network first")
+        return feats
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class DiscriminatorHead(nn.Module):
+    """Logit ``D(x_t) ~ log p_t(x_t) / q_t(x_t)`` from a score network's features (DMD2's ``cls_pred_branch`` idea).
+
+    Spatial features ``[B, C, H, W]``: conv3x3 -> GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> mean over
+    H, W; vector features ``[B, C]``: Linear -> SiLU -> Linear -> SiLU. Then a linear logit plus, with
+    ``num_classes``, a projection term ``<embed(y), phi>`` (Miyato & Koyama 2018) so the ratio can depend on the class.
+
+    Args:
+        in_channels: C of the features.
+        hidden: width of the head.
+        spatial: True for ``[B, C, H, W]`` features, False for ``[B, C]``.
+        num_classes: size of the label embedding (include the null class), or None.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 128, spatial: bool = True, num_classes: int | None = None):
+        super().__init__()
+        if spatial:
+            groups = 8 if hidden % 8 == 0 else 1
+            self.body = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GroupNorm(groups, hidden), nn.SiLU(),
+                nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(groups, hidden), nn.SiLU(),
+            )
+        else:
+            self.body = nn.Sequential(nn.Linear(in_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.spatial = spatial
+        self.out = nn.Linear(hidden, 1)
+        self.embed = nn.Embedding(num_classes, hidden) if num_classes else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
+
+    def forward(self, features: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        expected = 4 if self.spatial else 2
+        if features.ndim != expected:
+            raise ValueError(f"discriminator features must have {expected} dims; got {tuple(features.shape)}")
+        phi = self.body(features)
+        if self.spatial:
+            phi = phi.mean(dim=(2, 3))
+        logit = self.out(phi).squeeze(1)
+        if self.embed is not None and class_labels is not None:
+            logit = logit + (self.embed(class_labels) * phi).sum(1)
+        return logit
+
+
+class Critic(nn.Module):
+    """What the critic optimiser trains: the fake-score network and the discriminator head, plus the running
+    per-time-bin mean of the density ratio (a buffer, so it is checkpointed with them).
+
+    ``forward(x_t, t, cond, head_labels, features=None, logits=True) -> (fake prediction, logits or None)``: one
+    call (so one DDP-wrapped forward) gives the fake score's prediction and the head's logits, read from the fake
+    score's own features or, when ``features`` is given (discriminator on the teacher), from those.
+    """
+
+    def __init__(self, fake_score: nn.Module, head: DiscriminatorHead, ratio_bins: RatioBins, feature_module=None):
+        super().__init__()
+        self.fake_score, self.head, self.ratio_bins = fake_score, head, ratio_bins
+        self._tap = FeatureTap(fake_score, feature_module)
+
+    def forward(self, x_t, t, cond=None, head_labels=None, features=None, logits: bool = True):
+        pred = call_net(self.fake_score, x_t, t, cond)
+        own = self._tap.pop()
+        if not logits:
+            return pred, None
+        return pred, self.head(own if features is None else features, head_labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ratio and weights
+
+
+def density_ratio(logits: torch.Tensor, logit_clamp: float | None = 10.0, r_min: float | None = 0.1,
+                  r_max: float | None = 20.0) -> torch.Tensor:
+    """``r = clip(exp(clamp(logit, -c, c)), r_min, r_max)`` in float32, detached. None switches a bound off."""
+    logits = logits.detach().float()
+    if logit_clamp is not None:
+        logits = logits.clamp(-logit_clamp, logit_clamp)
+    r = logits.exp()
+    if r_min is not None or r_max is not None:
+        r = r.clamp(min=r_min, max=r_max)
+    return r
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+class RatioBins(nn.Module):
+    """Per-time-bin running mean of r, used to normalise r before h is applied (FastGen's first stage).
+
+    ``[t_min, t_max]`` is cut into ``num_bins`` equal bins; each batch's mean r per bin (summed over all processes)
+    updates ``mean <- ema_rate * mean + (1 - ema_rate) * batch_mean`` (``ema_rate = 0``: the batch mean alone).
+    """
+
+    def __init__(self, num_bins: int = 10, t_min: float = 0.0, t_max: float = 999.0, ema_rate: float = 0.0):
+        super().__init__()
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1; got {num_bins}")
+        if not t_max > t_min:
+            raise ValueError(f"t_max must be > t_min; got {t_min}, {t_max}")
+        if not 0.0 <= ema_rate < 1.0:
+            raise ValueError(f"ratio_ema_rate must be in [0, 1); got {ema_rate}")
+        self.num_bins, self.t_min, self.t_max, self.ema_rate = num_bins, float(t_min), float(t_max), ema_rate
+        self.register_buffer("mean", torch.ones(num_bins))
+        self.register_buffer("seen", torch.zeros(num_bins))
+
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        u = (t.float() - self.t_min) / (self.t_max - self.t_min)
+        return (u * self.num_bins).long().clamp(0, self.num_bins - 1)
+
+    @torch.no_grad()
+    def normalize(self, r: torch.Tensor, t: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """``r / (running mean of r in t's bin + 1e-6)``; updates the running means first when ``update``."""
+        idx = self.bin_of(t).to(r.device)
+        if update:
+            stats = torch.zeros(2, self.num_bins, device=r.device, dtype=torch.float32)
+            stats[0].index_add_(0, idx, r.float())
+            stats[1].index_add_(0, idx, torch.ones_like(r, dtype=torch.float32))
+            stats = _all_reduce_sum(stats).to(self.mean.device)
+            hit = stats[1] > 0
+            batch_mean = stats[0][hit] / stats[1][hit]
+            first = self.seen[hit] == 0
+            old = self.mean[hit]
+            self.mean[hit] = torch.where(first, batch_mean, self.ema_rate * old + (1 - self.ema_rate) * batch_mean)
+            self.seen[hit] = 1
+        return r / (self.mean.to(r.device)[idx] + 1e-6)
+
+
+def fdistill_weights(r: torch.Tensor, divergence, normalize_h: bool = True) -> torch.Tensor:
+    """``h(r)``, divided by its mean over the whole (all-process) batch when ``normalize_h``; float32, detached."""
+    h = get_divergence(divergence).h(r.detach().float())
+    if not torch.isfinite(h).all():
+        raise FloatingPointError("h(r) is not finite: bound r with r_min/r_max (e.g. 0.1, 20)")
+    if normalize_h:
+        stats = _all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
+        h = h / (stats[0] / stats[1] + 1e-6)
+    return h
+
+
+def vsd_loss(x_gen: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor, h: torch.Tensor | None = None,
+             dmd_normalizer: bool = True) -> tuple[torch.Tensor, dict]:
+    """The f-weighted distribution-matching loss whose gradient w.r.t. ``x_gen`` is ``h w (x0_fake - x0_teacher)``
+    divided by ``x_gen.numel()``.
+
+    Args:
+        x_gen: [B, ...] student samples (with gradient).
+        x0_teacher, x0_fake: [B, ...] x0 predictions of the teacher and fake score at the noised ``x_gen``.
+        h: [B] per-sample weights (None: 1, i.e. reverse KL / DMD).
+        dmd_normalizer: multiply by ``w = 1 / mean |x_gen - x0_teacher|`` per sample (DMD, eq. 8).
+    """
+    if x0_teacher.shape != x_gen.shape or x0_fake.shape != x_gen.shape:
+        raise ValueError(f"x0 predictions {tuple(x0_teacher.shape)}, {tuple(x0_fake.shape)} must match x_gen "
+                         f"{tuple(x_gen.shape)}")
+    b = x_gen.shape[0]
+    with torch.no_grad():
+        xg, xt, xf = x_gen.detach().float(), x0_teacher.detach().float(), x0_fake.detach().float()
+        diff = xf - xt
+        scale = torch.ones(b, device=x_gen.device)
+        if h is not None:
+            if h.shape != (b,):
+                raise ValueError(f"h must have shape [{b}]; got {tuple(h.shape)}")
+            scale = scale * h.float()
+        if dmd_normalizer:
+            w = 1.0 / (xg - xt).abs().reshape(b, -1).mean(1).clamp_min(1e-8)
+            scale = scale * w
+        g = scale.reshape(-1, *([1] * (x_gen.ndim - 1))) * diff
+        target = (xg - g).to(x_gen.dtype)
+    loss = 0.5 * F.mse_loss(x_gen.float(), target.float())
+    return loss, {"grad_norm_dm": float(g.reshape(b, -1).norm(dim=1).mean())}
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss of the discriminator: ``softplus(D(fake)) + softplus(-D(real))`` (optimum:
+    ``D = log p_t / q_t``)."""
+    return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss of the generator, ``softplus(-D(x_t(G(z))))``."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the generator
+
+
+def one_step_generate(net: nn.Module, scheduler, z: torch.Tensor, timestep: int | float, cond: dict | None = None,
+                      prediction_type: str | None = None) -> torch.Tensor:
+    """``G(z) = x0``: the network evaluated once on pure noise ``z`` at ``timestep``, its output read as
+    ``prediction_type`` (default: the scheduler's) and converted to x0 (DMD: the student starts as the teacher's
+    one-step x0 estimate).
+
+    Args:
+        net: the generator network (same calling shape as the teacher).
+        scheduler: the teacher's scheduler (gives alpha, sigma at ``timestep``).
+        z: [B, ...] standard normal noise.
+        timestep: the generator's timestep (e.g. 950 of 1000; alpha must not be ~0 for epsilon prediction).
+        cond: conditioning keyword arguments (see :func:`call_net`).
+    """
+    ptype = prediction_type or prediction_type_of(scheduler)
+    t = torch.full((z.shape[0],), float(timestep), device=z.device)
+    t_in = t.long() if float(timestep).is_integer() else t
+    pred = call_net(net, z, t_in, cond)
+    if ptype == "sample":
+        return pred
+    alpha, sigma = alpha_sigma(scheduler, t, ndim=z.ndim, dtype=pred.dtype, device=z.device)
+    return to_x0_eps(pred, ptype, z, alpha, sigma)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the objective
+
+
+@dataclasses.dataclass
+class FDistillSettings:
+    """The f-distill knobs that are not about optimisation (see the trainer config for their help text)."""
+
+    divergence: str = "js"
+    logit_clamp: float = 10.0
+    ratio_min: float = 0.1
+    ratio_max: float = 20.0
+    normalize_h: bool = True
+    dmd_normalizer: bool = True
+    gan_loss_weight: float = 1e-3
+    t_min: int = 20
+    t_max: int = 980
+    teacher_guidance_scale: float = 1.0
+    same_t_noise_for_real: bool = False
+
+    def validate(self) -> None:
+        get_divergence(self.divergence)
+        if not self.ratio_min > 0 or not self.ratio_max > self.ratio_min:
+            raise ValueError(f"need 0 < ratio_min < ratio_max; got {self.ratio_min}, {self.ratio_max}")
+        if self.gan_loss_weight < 0:
+            raise ValueError(f"gan_loss_weight must be >= 0; got {self.gan_loss_weight}")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"need 0 <= t_min < t_max; got {self.t_min}, {self.t_max}")
+        if self.teacher_guidance_scale < 0:
+            raise ValueError(f"teacher_guidance_scale must be >= 0; got {self.teacher_guidance_scale}")
+
+
+class FDistill:
+    """The f-distill losses over a teacher, a critic (fake score + discriminator head) and a generator.
+
+    Args:
+        teacher: frozen score network (any prediction type of ``scheduler``).
+        critic: :class:`Critic`; its fake score has the teacher's architecture and prediction type.
+        scheduler: the teacher's noise scheduler (alpha/sigma, prediction type).
+        settings: :class:`FDistillSettings`.
+        disc_features: ``"fake"`` (DMD2: head on the fake-score network) or ``"teacher"`` (FastGen: frozen teacher).
+        feature_module: ``(module name, "output"|"input")`` the head reads; None: :func:`default_feature_module`.
+    """
+
+    def __init__(self, teacher: nn.Module, critic: Critic, scheduler, settings: FDistillSettings,
+                 disc_features: str = "fake", feature_module=None):
+        settings.validate()
+        if disc_features not in ("fake", "teacher"):
+            raise ValueError(f"disc_features must be 'fake' or 'teacher'; got {disc_features!r}")
+        self.teacher, self.critic, self.scheduler, self.s = teacher, critic, scheduler, settings
+        self.disc_features = disc_features
+        self.pred_type = prediction_type_of(scheduler)
+        self.divergence = get_divergence(settings.divergence)
+        # the fake score's features are tapped by the critic itself; the teacher's only when the head reads them
+        self.tap = FeatureTap(teacher, feature_module) if disc_features == "teacher" else None
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(self.s.t_min, self.s.t_max + 1, (n,), generator=generator)
+
+    def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x0.ndim, dtype=x0.dtype, device=x0.device)
+        return alpha * x0 + sigma * eps
+
+    def x0_of(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x_t.ndim, dtype=torch.float32, device=x_t.device)
+        return to_x0_eps(pred.float(), self.pred_type, x_t.float(), alpha, sigma)[0]
+
+    def _teacher_x0(self, x_t, t, cond, uncond) -> torch.Tensor:
+        w = self.s.teacher_guidance_scale
+        x0_c = self.x0_of(call_net(self.teacher, x_t, t, cond), x_t, t)
+        if w == 1.0 or uncond is None:
+            return x0_c
+        feats = self.tap.features if self.tap else None  # the discriminator reads the conditional pass's features
+        x0_u = self.x0_of(call_net(self.teacher, x_t, t, uncond), x_t, t)
+        if self.tap:
+            self.tap.features = feats
+        return x0_u + w * (x0_c - x0_u)
+
+    def _labels(self, cond):
+        return (cond or {}).get("class_labels")
+
+    # -- losses ---------------------------------------------------------------------------------------------------
+    def critic_loss(self, critic: nn.Module, x_gen: torch.Tensor, x_real: torch.Tensor, cond_gen: dict | None,
+                    cond_real: dict | None, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Denoising score matching of the fake score on ``sg(x_gen)`` plus the discriminator loss (real vs.
+        generated, both noised). ``critic`` is the (possibly DDP-wrapped) :class:`Critic`."""
+        b, dev = x_gen.shape[0], x_gen.device
+        x_gen = x_gen.detach()
+        t_g = self.sample_t(b, generator)
+        eps_g = torch.randn(x_gen.shape, generator=generator).to(dev, x_gen.dtype)
+        n_real = x_real.shape[0]
+        if self.s.same_t_noise_for_real and n_real == b:
+            t_r, eps_r = t_g, eps_g
+        else:
+            t_r = self.sample_t(n_real, generator)
+            eps_r = torch.randn(x_real.shape, generator=generator).to(dev, x_gen.dtype)
+        xt_g, xt_r = self.noise(x_gen, t_g, eps_g), self.noise(x_real.to(dev, x_gen.dtype), t_r, eps_r)
+        cat = _cat_cond(cond_gen, cond_real)
+        x_all, t_all = torch.cat([xt_g, xt_r]), torch.cat([t_g, t_r]).to(dev)
+        labels = self._labels(cat)
+        if self.disc_features == "fake":
+            # one forward over generated + real: DSM uses the generated half, the head sees both
+            pred, logits = critic(x_all, t_all, cat, labels)
+            pred_g = pred[:b]
+        else:
+            with torch.no_grad():
+                call_net(self.teacher, x_all, t_all, cat)
+            feats = self.tap.pop()
+            pred_g, logits = critic(xt_g, t_g.to(dev), cond_gen, labels, features=feats)
+        # 1. fake score: DSM in the teacher's prediction space
+        alpha, sigma = alpha_sigma(self.scheduler, t_g, ndim=x_gen.ndim, dtype=torch.float32, device=dev)
+        target = from_x0_eps(x_gen.float(), eps_g.float(), self.pred_type, alpha, sigma)
+        loss_dsm = F.mse_loss(pred_g.float(), target)
+        # 2. discriminator: generated first, real second
+        loss_d = discriminator_loss(logits[b:], logits[:b])
+        with torch.no_grad():
+            acc_real = (logits[b:] > 0).float().mean()
+            acc_fake = (logits[:b] < 0).float().mean()
+        return loss_dsm + loss_d, {"loss_dsm": loss_dsm.detach(), "loss_d": loss_d.detach(),
+                                   "d_acc_real": acc_real, "d_acc_fake": acc_fake}
+
+    def generator_loss(self, x_gen: torch.Tensor, cond: dict | None, generator: torch.Generator,
+                       uncond: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """The f-weighted distribution-matching loss plus ``gan_loss_weight`` times the non-saturating GAN loss.
+        The critic's parameters must not require gradients here (the trainer freezes them)."""
+        b, dev = x_gen.shape[0], x_gen.device
+        inner = self.critic
+        t = self.sample_t(b, generator)
+        eps = torch.randn(x_gen.shape, generator=generator).to(dev, x_gen.dtype)
+        x_t = self.noise(x_gen, t, eps)
+        td = t.to(dev)
+        # 1. teacher and fake x0 at x_t (no gradient into either network); discriminator logit with gradient to x_t
+        labels = self._labels(cond)
+        if self.disc_features == "fake":
+            with torch.no_grad():
+                x0_teacher = self._teacher_x0(x_t, td, cond, uncond)
+            fake_pred, logits = inner(x_t, td, cond, labels)
+        else:
+            x0_teacher = self._teacher_x0(x_t, td, cond, uncond).detach()
+            feats = self.tap.pop()
+            with torch.no_grad():
+                fake_pred = inner(x_t, td, cond, logits=False)[0]
+            logits = inner.head(feats, labels)
+        x0_fake = self.x0_of(fake_pred.detach(), x_t.detach(), td)
+        # 2. r and h (float32, detached), normalised per time bin and by the batch mean
+        r = density_ratio(logits, self.s.logit_clamp, self.s.ratio_min, self.s.ratio_max)
+        r_norm = inner.ratio_bins.normalize(r, t)
+        h = fdistill_weights(r_norm, self.divergence, self.s.normalize_h)
+        # 3. losses
+        loss_dm, logs = vsd_loss(x_gen, x0_teacher, x0_fake, h, self.s.dmd_normalizer)
+        loss = loss_dm
+        loss_gan = gan_generator_loss(logits)
+        if self.s.gan_loss_weight > 0:
+            loss = loss + self.s.gan_loss_weight * loss_gan
+        logs.update({"loss_dm": loss_dm.detach(), "loss_gan": loss_gan.detach(), "r_mean": r.mean(),
+                     "h_min": h.min(), "h_max": h.max(), "logit_mean": logits.detach().float().mean()})
+        return loss, logs
+
+
+def _cat_cond(a: dict | None, b: dict | None) -> dict:
+    a, b = a or {}, b or {}
+    if set(a) != set(b):
+        raise ValueError(f"generated and real conditioning differ: {sorted(a)} vs {sorted(b)}")
+    return {k: torch.cat([a[k], b[k].to(a[k].device)]) for k in a}

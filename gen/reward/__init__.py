@@ -1,0 +1,66 @@
+"""Reward backpropagation (AlignProp, arXiv 2310.03739): differentiable rewards, sampling with truncated
+backprop and checkpointing, LoRA injection / Diffusers-format save / mixing."""
+
+from gen.reward.lora import (
+    LORA_WEIGHT_NAME,
+    LoraParameters,
+    add_lora,
+    load_lora_into_unet,
+    lora_metadata,
+    lora_parameters,
+    lora_state_dict,
+    mix_lora,
+    read_lora,
+    save_lora,
+)
+from gen.reward.rewards import (
+    REWARDS,
+    AestheticMLP,
+    Reward,
+    WeightedReward,
+    build_reward,
+    center_crop,
+    clip_preprocess,
+    get_reward_class,
+    register_reward,
+    resize_short_side,
+    reward_names,
+)
+from gen.reward.sampling import (
+    TRUNCATION_MODES,
+    ClassConditionalBackend,
+    StableDiffusionBackend,
+    Truncation,
+    check_reward,
+    sample_with_grad,
+)
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "REWARDS",
+    "TRUNCATION_MODES",
+    "AestheticMLP",
+    "ClassConditionalBackend",
+    "LoraParameters",
+    "Reward",
+    "StableDiffusionBackend",
+    "Truncation",
+    "WeightedReward",
+    "add_lora",
+    "build_reward",
+    "center_crop",
+    "check_reward",
+    "clip_preprocess",
+    "get_reward_class",
+    "load_lora_into_unet",
+    "lora_metadata",
+    "lora_parameters",
+    "lora_state_dict",
+    "mix_lora",
+    "read_lora",
+    "register_reward",
+    "resize_short_side",
+    "reward_names",
+    "sample_with_grad",
+    "save_lora",
+]

@@ -1,0 +1,152 @@
+"""One-step generation with a distilled student (f-distill, Xu, Nie & Vahdat 2025; DMD, Yin et al. 2024).
+
+The student is a network of the teacher's architecture evaluated once on pure noise ``z`` at the generator
+timestep ``t_g``; its output, read in the teacher's prediction space, is converted to the sample
+(``x0 = (z - sigma_tg eps_hat) / alpha_tg`` for epsilon prediction). No scheduler loop: the scheduler only supplies
+``alpha_tg, sigma_tg``. Class-conditional students (a ``UNet2DModel`` with class embeddings) take ``class_labels``;
+text-to-image students (a ``UNet2DConditionModel`` with ``vae``, ``text_encoder`` and ``tokenizer``) take ``prompt``
+and decode the latent with the VAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from gen.diffusion import PREDICTION_TYPES
+from gen.distill.fdistill import one_step_generate
+
+from ._common import OUTPUT_TYPES, images_to_output, initial_noise
+from .class_conditional import ClassConditionalPipeline
+
+
+@dataclass
+class OneStepPipelineOutput(BaseOutput):
+    """Images (PIL list, numpy ``[N,H,W,C]`` in [0,1], or torch ``[N,C,H,W]`` in [0,1]) and ``nfe`` (always 1)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nfe: int
+
+
+class OneStepPipeline(ClassConditionalPipeline):
+    """Sample a one-step generator: one network evaluation per image.
+
+    Example:
+        >>> pipe = OneStepPipeline.from_pretrained("checkpoints/digits-fdistill-js")
+        >>> pipe(class_labels=list(range(10)), output_type="np").images.shape
+        (10, 16, 16, 1)
+
+    Args:
+        unet: the generator (teacher architecture).
+        scheduler: the teacher's noise scheduler (gives alpha and sigma at ``generator_timestep``).
+        vae, text_encoder, tokenizer: for latent text-to-image students; None for pixel-space students.
+        generator_timestep: the timestep ``t_g`` the generator is evaluated at.
+        generator_prediction: how its output is read: ``"scheduler"`` (the scheduler's prediction type) or one of
+            ``epsilon``, ``sample``, ``v_prediction``, ``flow``.
+    """
+
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, generator_timestep: int = 999,
+                 generator_prediction: str = "scheduler"):
+        super().__init__(unet=unet, scheduler=scheduler)
+        if generator_prediction != "scheduler" and generator_prediction not in PREDICTION_TYPES:
+            raise ValueError(f"generator_prediction={generator_prediction!r}; allowed: scheduler, "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        n_train = scheduler.config.get("num_train_timesteps", 1000)
+        if not 0 <= generator_timestep <= n_train:
+            raise ValueError(f"generator_timestep={generator_timestep} outside [0, {n_train}]")
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(generator_timestep=int(generator_timestep), generator_prediction=generator_prediction)
+
+    @property
+    def num_classes(self) -> int | None:
+        n = getattr(self.unet.config, "num_class_embeds", None)
+        return None if n is None else n - 1
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.text_encoder is not None
+
+    def _prediction_type(self):
+        p = self.config.generator_prediction
+        return None if p == "scheduler" else p
+
+    def encode_prompt(self, prompt: list[str], device) -> torch.Tensor:
+        tok = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels=None,
+        prompt: str | list[str] | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int = 1,
+        guidance_scale: float = 1.0,
+        return_dict: bool = True,
+    ):
+        """Generate images with one network evaluation each.
+
+        Args:
+            class_labels: int or 1-D list/tensor in ``[0, num_classes)`` (class-conditional students); None with
+                ``batch_size``: null-class samples.
+            prompt: str or list of str (text-to-image students).
+            generator: torch generator(s) for the noise ``z``.
+            output_type: ``"pil"``, ``"np"`` ([N,H,W,C] in [0,1]) or ``"pt"`` ([N,C,H,W] in [0,1]).
+            latents: optional noise ``z`` ``[N,C,H,W]``.
+            num_inference_steps: must be 1 (accepted so that code written for multi-step pipelines runs).
+            guidance_scale: must be 1: guidance, if any, was distilled into the student (``teacher_guidance_scale``).
+        Returns:
+            ``OneStepPipelineOutput(images, nfe=1)`` or a tuple ``(images, 1)``.
+        """
+        if num_inference_steps != 1:
+            raise ValueError(f"a one-step generator takes num_inference_steps=1; got {num_inference_steps!r}")
+        if guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale!r}: a one-step student has no guidance at sampling time "
+                             "(distil with teacher_guidance_scale instead)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        device, dtype = self._execution_device, self.unet.dtype
+        cond: dict = {}
+        if self.is_text_to_image:
+            if class_labels is not None:
+                raise ValueError("this is a text-to-image student: give prompt, not class_labels")
+            if prompt is None:
+                raise ValueError("a text-to-image student needs prompt (str or list of str)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a non-empty str or list of str")
+            if batch_size is not None and batch_size != len(prompts):
+                raise ValueError(f"batch_size={batch_size} does not match {len(prompts)} prompts")
+            batch = len(prompts)
+            cond["encoder_hidden_states"] = self.encode_prompt(prompts, device).to(dtype)
+        else:
+            if prompt is not None:
+                raise ValueError("prompt given, but this student has no text encoder; use class_labels")
+            labels, batch = self._class_tensor(class_labels, batch_size)
+            if labels is not None:
+                cond["class_labels"] = labels.to(device)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one, or one per image")
+        latents = initial_noise(self.unet, batch, latents, generator, device, dtype)
+        # 1. one network evaluation: z -> x0
+        x0 = one_step_generate(self.unet, self.scheduler, latents, self.config.generator_timestep, cond,
+                               self._prediction_type())
+        # 2. decode latents (text-to-image), then [-1, 1] -> [0, 1]
+        if self.vae is not None:
+            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        images = images_to_output(self, (x0.float() / 2 + 0.5).clamp(0, 1), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, 1
+        return OneStepPipelineOutput(images=images, nfe=1)
