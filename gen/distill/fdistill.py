@@ -346,7 +346,9 @@ class FDistill:
         scheduler: the teacher's noise scheduler (alpha/sigma, prediction type).
         settings: :class:`FDistillSettings`.
         disc_features: ``"fake"`` (DMD2: head on the fake-score network) or ``"teacher"`` (FastGen: frozen teacher).
-        feature_module: ``(module name, "output"|"input")`` the head reads; None: :func:`default_feature_module`.
+        feature_module: ``(module name, "output"|"input")`` of the teacher the head reads when
+            ``disc_features="teacher"`` (the fake score's layer is given to :class:`Critic`); None:
+            :func:`default_feature_module`.
     """
 
     def __init__(self, teacher: nn.Module, critic: Critic, scheduler, settings: FDistillSettings,
