@@ -31,6 +31,9 @@ def record_cfg_trajectories(pipe, num_samples: int, steps: int, guidance_scale: 
     from gen.guidance import CFG
 
     class RecordingCFG(CFG):
+        def needs_predictions(self, info):
+            return True  # CFG alone is mixed on raw outputs; recording needs the x0 of both branches
+
         def __call__(self, cond, uncond, info):
             self.record[info.step_index] = (cond.x0.detach().cpu(), uncond.x0.detach().cpu())
             return super().__call__(cond, uncond, info)
@@ -69,12 +72,12 @@ def main(argv=None):
     guider = LinearAG.from_trajectories(traj, guidance_scale=args.guidance_scale, num_exact_steps=args.num_exact_steps)
     guider.save_pretrained(args.out)
     # relative residual of the fit per step, for the record
-    from gen.guidance.linear_ag import _regressors
+    from gen.guidance.linear_ag import regressors
 
     residuals = []
     for k, step in enumerate(traj):
         prev = None if k == 0 else (traj[k - 1]["cond"], traj[k - 1]["uncond"])
-        h = _regressors(step["cond"], prev)
+        h = regressors(step["cond"], prev)
         est = sum(b * x for b, x in zip(guider.config.coefficients[k], h))
         residuals.append(float((est - step["uncond"]).norm() / step["uncond"].norm()))
     meta = {"pipeline": args.pipeline, "steps": args.steps, "guidance_scale": args.guidance_scale,

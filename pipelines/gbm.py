@@ -1,13 +1,13 @@
 """Multiplicative ("Dale meets Langevin") diffusion sampling: a class-conditional UNet + :class:`gen.gbm.GBMScheduler`.
 
-The loop starts from the scheduler's fitted log-normal prior, asks the UNet for its prediction on the log-space
-network input (``scheduler.scale_model_input``), optionally guides it, and lets the scheduler take a DLS, UMS or
-deterministic log-space step. The result is mapped back through the positivity offset to images in [0, 1].
+The sampling core starts from the scheduler's fitted log-normal prior, asks the UNet for its prediction on the
+log-space network input (``scheduler.scale_model_input``), optionally guides it, and lets the scheduler take a DLS,
+UMS or deterministic log-space step. The result is mapped back through the positivity offset to images in [0, 1].
 
-Guidance acts in log space, where GBM noising is additive: ``y - m(t) = log x0 + sqrt(v(t)) z`` is a
-variance-exploding diffusion with alpha = 1 and sigma = sqrt(v). ``guidance_scale=w`` is CFG on z
-(``uncond + w (cond - uncond)``, identical to CFG on log x0); ``guider=`` runs any ``gen.guidance`` guider with
-``x0 = log x0_hat`` and ``eps = z``, through the same shared step as the other pipelines.
+Guidance acts in log space, where GBM noising is additive (:class:`gen.gbm.scheduler.GBMSpace`):
+``y - m(t) = log x0 + sqrt(v(t)) z`` is a variance-exploding diffusion with alpha = 1 and sigma = sqrt(v).
+``guidance_scale=w`` is CFG on z (``uncond + w (cond - uncond)``, identical to CFG on log x0); ``guider=`` runs any
+``gen.guidance`` guider with ``x0 = log x0_hat`` and ``eps = z``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ import torch
 from diffusers import UNet2DModel
 
 from gen.gbm import GBM_SAMPLERS, GBMScheduler
+from gen.sampling import denoise
+from gen.sampling.pipeline import (
+    check_generator,
+    check_output_type,
+    check_steps,
+    images_to_output,
+    nfe_value,
+    resolve_guider,
+    sample_shape,
+    step_end_callback,
+)
 
-from ._common import images_to_output, nfe_value
 from .class_conditional import ClassConditionalPipeline, ClassConditionalPipelineOutput
 
 
@@ -31,44 +41,13 @@ class GBMPipeline(ClassConditionalPipeline):
         ((8, 16, 16, 1), 100)
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: GBMScheduler):
+    def __init__(self, unet: UNet2DModel, scheduler: GBMScheduler, class_names: list[str] | None = None):
         if not isinstance(scheduler, GBMScheduler):
             raise ValueError(f"GBMPipeline needs a gen.gbm.GBMScheduler; got {type(scheduler).__name__}")
-        super().__init__(unet=unet, scheduler=scheduler)
+        super().__init__(unet=unet, scheduler=scheduler, class_names=class_names)
 
     def use_scheduler(self, name: str, **overrides):
         raise ValueError("GBMPipeline samples with its GBMScheduler; choose the update with sampler='dls'|'ums'|'ddim'")
-
-    def _z(self, x, t, labels):
-        """Network output at positive x, converted to the log-space noise z."""
-        s = self.scheduler
-        k = torch.full((x.shape[0],), int(t), dtype=torch.long)
-        raw = self.unet(s.scale_model_input(x, k).to(self.unet.dtype), t, class_labels=labels).sample
-        return s.convert(raw.float(), s.config.prediction_type, "log_eps", x.float(), k)
-
-    def _guided_z(self, x, t, labels, guidance_scale, guider, step_index, num_steps):
-        """z for one step with CFG (``guidance_scale``) or a ``gen.guidance`` guider; returns (z, NFE per image)."""
-        if guider is None:
-            if labels is None or guidance_scale == 1.0:
-                return self._z(x, t, labels), 1
-            null = torch.full_like(labels, self.null_class)
-            if guidance_scale == 0.0:
-                return self._z(x, t, null), 1
-            both = self._z(torch.cat([x, x]), t, torch.cat([labels, null]))
-            cond, uncond = both.chunk(2)
-            return uncond + guidance_scale * (cond - uncond), 2
-        from gen.guidance.sampling import guided_prediction
-
-        s = self.scheduler
-        m, sd = s._levels(torch.tensor([int(t)]), x)
-        y_tilde = torch.log(x.float()) - m.float()
-
-        def net(y, tt, class_labels):
-            return self._z(torch.exp(y + m.float()), tt, class_labels)
-
-        null = torch.full_like(labels, self.null_class)
-        return guided_prediction(net, y_tilde, t, {"class_labels": labels}, {"class_labels": null}, guider,
-                                 step_index, num_steps, torch.ones_like(sd.float()), sd.float(), "epsilon")
 
     @torch.no_grad()
     def __call__(
@@ -83,11 +62,13 @@ class GBMPipeline(ClassConditionalPipeline):
         batch_size: int | None = None,
         guider=None,
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate images.
 
         Args:
-            class_labels: class indices (None with ``batch_size``: unconditional, the null class).
+            class_labels: class indices or names (None with ``batch_size``: unconditional, the null class).
             num_inference_steps: levels of the sampling grid, at most ``scheduler.config.num_train_timesteps``.
             sampler: ``"dls"`` (sign-preserving Dale-Langevin), ``"ums"`` (unified multiplicative) or ``"ddim"``
                 (deterministic log-space); default ``scheduler.config.sampler``.
@@ -99,43 +80,34 @@ class GBMPipeline(ClassConditionalPipeline):
         if sampler is not None and sampler not in GBM_SAMPLERS:
             raise ValueError(f"sampler must be one of {GBM_SAMPLERS}; got {sampler!r}")
         labels, batch = self._class_tensor(class_labels, batch_size)
-        self._check_args(num_inference_steps, guidance_scale, output_type, generator, batch, guider)
-        if isinstance(generator, list):
-            raise ValueError("GBMPipeline takes one torch.Generator (not a list)")
-        if guider is not None and labels is None:
-            raise ValueError("a guider needs class labels (the unconditional branch is the null class)")
+        guider = resolve_guider(guidance_scale, guider)
+        steps = check_steps(num_inference_steps)
+        check_output_type(output_type)
+        check_generator(generator, batch, allow_list=False)
+        on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-        shape = (batch, cfg.in_channels, *size)
         s = self.scheduler
+        shape = sample_shape(self.unet.config, batch)
         if latents is None:
             x = s.sample_prior(shape, generator=generator, device=device)
         else:
+            latents = torch.as_tensor(latents)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents shape {tuple(latents.shape)} != expected {shape}")
             s.check_positive("latents", latents)
             x = latents.to(device=device, dtype=torch.float32)
-        if labels is not None:
-            labels = labels.to(device)
+        adapter = self.adapter
+        conditioning = adapter.class_conditioning(None if labels is None else labels.to(device))
 
-        # 1. sampling grid (ValueError beyond the training grid)
-        s.set_timesteps(num_inference_steps, device=device)
-        if guider is not None:
-            guider.begin(batch, num_inference_steps)
-        nfe = 0
-        # 2. loop: z prediction (guided) -> back to the scheduler's prediction type -> DLS / UMS / ddim step
-        for i, t in enumerate(self.progress_bar(s.timesteps)):
-            z, evals = self._guided_z(x, t, labels, guidance_scale, guider, i, num_inference_steps)
-            nfe += evals
-            k = torch.full((batch,), int(t), dtype=torch.long)
-            pred = s.convert(z, "log_eps", s.config.prediction_type, x, k)
-            x = s.step(pred, t, x, generator=generator, sampler=sampler).prev_sample
-
-        # 3. undo the positivity offset; [-1, 1] -> [0, 1]
-        out = images_to_output(self, ((x - s.config.data_offset) / 2 + 0.5).clamp(0, 1), output_type)
+        # 1. sampling grid (ValueError beyond the training grid), then the core: z (guided) -> DLS / UMS / ddim step
+        s.set_timesteps(steps, device=device)
+        result = denoise(adapter, s, x, steps, conditioning, guider,
+                         step_kwargs={"generator": generator, "sampler": sampler},
+                         progress=self.progress_bar, on_step_end=on_step_end)
+        # 2. undo the positivity offset; [-1, 1] -> [0, 1]
+        out = images_to_output(self, ((result.sample - s.config.data_offset) / 2 + 0.5).clamp(0, 1), output_type)
         self.maybe_free_model_hooks()
-        nfe = nfe_value(nfe)
+        nfe = nfe_value(result.nfe)
         if not return_dict:
             return out, nfe
         return ClassConditionalPipelineOutput(images=out, nfe=nfe)

@@ -7,7 +7,6 @@ with ``gen.diffusion`` for the scheduler at hand before the guider sees them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +15,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from gen.guidance import CFG, Guider
-from gen.guidance.sampling import scheduler_guided_prediction
-
-from ._loading import guarded_from_pretrained
+from gen.guidance import Guider
+from gen.sampling import Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
+from gen.sampling.pipeline import check_steps, guarded_from_pretrained, nfe_value, resolve_guider, step_end_callback
 
 
 @dataclass
@@ -38,6 +36,8 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         >>> pipe = GuidedStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
         >>> out = pipe("a photo of a cat", guider=APG(guidance_scale=15, eta=0.0, momentum=-0.5, norm_threshold=15))
     """
+
+    _callback_tensor_inputs = ["latents"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -62,6 +62,8 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guider: Guider | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate images from text.
 
@@ -74,19 +76,11 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
             ``GuidedStableDiffusionPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``.
         """
         # 0. arguments
-        if guider is not None and guidance_scale is not None:
-            raise ValueError("give guidance_scale or guider, not both (the guider carries its own scale)")
-        if guider is None:
-            scale = 7.5 if guidance_scale is None else guidance_scale
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-                raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
-            guider = CFG(guidance_scale=float(scale))
-        elif not isinstance(guider, Guider):
-            raise ValueError(f"guider must be a gen.guidance.Guider; got {type(guider).__name__}")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
+        guider = resolve_guider(guidance_scale, guider, default_scale=7.5)
+        steps = check_steps(num_inference_steps)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}; allowed: pil, np, pt, latent")
+        on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -101,28 +95,19 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
                                                   prompt_embeds=prompt_embeds,
                                                   negative_prompt_embeds=negative_prompt_embeds)
         n = batch_size * num_images_per_prompt
+        conditioning = Conditioning(cond={"encoder_hidden_states": cond_emb},
+                                    uncond={"encoder_hidden_states": uncond_emb})
 
         # 2. timesteps and initial latents
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        self.scheduler.set_timesteps(steps, device=device)
         latents = self.prepare_latents(n, self.unet.config.in_channels, height, width, cond_emb.dtype, device,
                                        generator, latents)
-        step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        guider.begin(n, num_inference_steps)
 
-        def net(x, t, encoder_hidden_states):
-            return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
-
-        # 3. denoising loop: guided prediction -> scheduler step
-        nfe = 0.0
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            x_in = self.scheduler.scale_model_input(latents, t)
-            pred, evals = scheduler_guided_prediction(net, self.scheduler, i, t, x_in,
-                                                      {"encoder_hidden_states": cond_emb},
-                                                      {"encoder_hidden_states": uncond_emb}, guider,
-                                                      num_inference_steps)
-            nfe += evals
-            latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+        # 3. the sampling core: guided prediction -> scheduler step
+        result = denoise(UNetTextAdapter(self.unet), self.scheduler, latents, steps, conditioning, guider,
+                         step_kwargs=scheduler_step_kwargs(self.scheduler, eta, generator),
+                         progress=self.progress_bar, on_step_end=on_step_end)
+        latents, nfe = result.sample, result.nfe
 
         # 4. decode
         if output_type == "latent":
@@ -132,7 +117,7 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type,
                                                       do_denormalize=[True] * decoded.shape[0])
         self.maybe_free_model_hooks()
-        nfe = int(nfe) if float(nfe).is_integer() else round(nfe, 4)
+        nfe = nfe_value(nfe)
         if not return_dict:
             return images, nfe
         return GuidedStableDiffusionPipelineOutput(images=images, nfe=nfe)

@@ -19,8 +19,8 @@ from diffusers.utils import BaseOutput
 
 from gen.diffusion import PREDICTION_TYPES
 from gen.distill.fdistill import one_step_generate
+from gen.sampling.pipeline import OUTPUT_TYPES, images_to_output, initial_noise, sample_shape
 
-from ._common import OUTPUT_TYPES, images_to_output, initial_noise
 from .class_conditional import ClassConditionalPipeline
 
 
@@ -53,8 +53,8 @@ class OneStepPipeline(ClassConditionalPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, generator_timestep: int = 999,
-                 generator_prediction: str = "scheduler"):
-        super().__init__(unet=unet, scheduler=scheduler)
+                 generator_prediction: str = "scheduler", class_names: list[str] | None = None):
+        super().__init__(unet=unet, scheduler=scheduler, class_names=class_names)
         if generator_prediction != "scheduler" and generator_prediction not in PREDICTION_TYPES:
             raise ValueError(f"generator_prediction={generator_prediction!r}; allowed: scheduler, "
                              f"{', '.join(PREDICTION_TYPES)}")
@@ -138,7 +138,7 @@ class OneStepPipeline(ClassConditionalPipeline):
                 cond["class_labels"] = labels.to(device)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one, or one per image")
-        latents = initial_noise(self.unet, batch, latents, generator, device, dtype)
+        latents = initial_noise(sample_shape(self.unet.config, batch), generator, latents, device, dtype)
         # 1. one network evaluation: z -> x0
         x0 = one_step_generate(self.unet, self.scheduler, latents, self.config.generator_timestep, cond,
                                self._prediction_type())

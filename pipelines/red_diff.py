@@ -10,6 +10,9 @@ DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse baseline, as D
 Both take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
 and ``method`` in ``reddiff``, ``dps``, ``pinv``; eps-, v-, x0- and flow-prediction models work through
 ``gen.diffusion``. Network evaluations per image are returned as ``nfe`` (a DPS step also backpropagates).
+Both methods run on the sampling core (:mod:`gen.sampling`): RED-Diff as :class:`gen.inverse.RedDiffSolver`, DPS as
+the per-step :class:`gen.inverse.dps.DPSHook`; ``guidance_scale``/``guider`` guide the prior (class labels or
+prompt against the null class or empty prompt) as in every pipeline.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from gen.diffusion import alpha_sigma, prediction_type_of
-from gen.inverse import WEIGHTINGS, Operator, dps, eps_predictor, red_diff, reddiff_timesteps
-
-from ._loading import guarded_from_pretrained
+from gen.inverse import WEIGHTINGS, Operator, reddiff_timesteps
+from gen.inverse.dps import DPSHook
+from gen.inverse.reddiff import RedDiffSolver, run_red_diff
+from gen.sampling import ClassUNetAdapter, Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
+from gen.sampling.pipeline import guarded_from_pretrained, resolve_guider
 
 METHODS = ("reddiff", "dps", "pinv")
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -78,6 +83,35 @@ class _InverseMixin:
                 f"{type(operator).__name__} has no pinv, which method={method!r} needs"
                 + (" to initialise mu: pass x_init=" if method == "reddiff" else "")
             )
+
+    def _solve(self, adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam, weighting,
+               obs_weight, t_max, t_min, zeta, eta, num_inference_steps, generator, callback, dtype, device,
+               encode=None, decode=None, latent_shape=None):
+        """RED-Diff or DPS on the sampling core; returns ``(final state, network evaluations per image)``."""
+
+        def on_step_end(k, t, x):
+            if callback is not None:
+                callback(k, t, x)
+
+        if method == "reddiff":
+            start = operator.pinv(y, x_shape) if x_init is None else x_init.to(device, dtype)
+            mu0 = encode(start.clamp(-1, 1)) if encode is not None else start
+            steps = reddiff_timesteps(num_inference_steps, self.scheduler.config.num_train_timesteps, t_max, t_min)
+            solver = RedDiffSolver(operator, y, mu0,
+                                   lambda t: alpha_sigma(self.scheduler, t, ndim=4, dtype=dtype, device=device),
+                                   steps, prediction_type_of(self.scheduler), lr=lr, lam=lam, weighting=weighting,
+                                   obs_weight=obs_weight, generator=generator, decode=decode)
+            mu = run_red_diff(adapter, solver, conditioning, guider, callback=callback, progress=self.progress_bar)
+            return mu, num_inference_steps
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = randn_tensor(latent_shape or x_shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        result = denoise(adapter, self.scheduler, latents, num_inference_steps, conditioning, guider,
+                         hook=DPSHook(operator, y, zeta, decode),
+                         step_kwargs=scheduler_step_kwargs(self.scheduler, eta, generator),
+                         progress=self.progress_bar, on_step_end=on_step_end)
+        return result.sample.detach(), result.nfe
 
     @staticmethod
     def _to_output(images: torch.Tensor, output_type: str, numpy_to_pil):
@@ -151,6 +185,8 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback=None,
+        guidance_scale: float = 1.0,
+        guider=None,
     ):
         """Restore images from a measurement.
 
@@ -169,6 +205,8 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
             generator: one torch generator for all noise (RED-Diff's ``eps``, DPS's initial and ancestral noise).
             output_type: ``"pil"``, ``"np"`` (``[N,H,W,C]`` in [0,1]) or ``"pt"`` (``[N,C,H,W]`` in [0,1]).
             callback: ``callback(i, t, x)`` after each step.
+            guidance_scale, guider: guidance of the prior (CFG ``w`` or a ``gen.guidance`` guider) between the
+                labelled branch and the null class; 1 (default) is the plain prior.
         Returns:
             ``InverseProblemPipelineOutput(images, nfe)`` or the tuple ``(images, nfe)``.
         """
@@ -184,33 +222,20 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         if x_init is not None and tuple(x_init.shape) != x_shape:
             raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
         labels = self._labels(class_labels, batch)
+        guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
         y = measurement.to(device, dtype)
         if labels is not None:
             labels = labels.to(device)
 
-        def model_fn(x, t):
-            t = torch.as_tensor(t, device=x.device)
-            return self.unet(x, t.expand(x.shape[0]) if t.ndim else t, class_labels=labels).sample
-
-        pred_type = prediction_type_of(self.scheduler)
+        adapter = ClassUNetAdapter(self.unet)
+        conditioning = adapter.class_conditioning(labels)
         if method == "pinv":
             images, nfe = operator.pinv(y, x_shape), 0
-        elif method == "reddiff":
-            mu0 = operator.pinv(y, x_shape) if x_init is None else x_init.to(device, dtype)
-            steps = reddiff_timesteps(num_inference_steps, self.scheduler.config.num_train_timesteps, t_max, t_min)
-            images = red_diff(
-                eps_predictor(model_fn, pred_type, self.scheduler), operator, y, mu0,
-                lambda t: alpha_sigma(self.scheduler, t, ndim=4, dtype=dtype, device=device), steps,
-                lr=lr, lam=lam, weighting=weighting, obs_weight=obs_weight, generator=generator,
-                callback=callback, progress=self.progress_bar,
-            )
-            nfe = num_inference_steps
         else:
-            latents = randn_tensor(x_shape, generator=generator, device=device, dtype=dtype)
-            images = dps(model_fn, pred_type, self.scheduler, operator, y, latents, num_inference_steps, zeta=zeta,
-                         eta=eta, generator=generator, callback=callback, progress=self.progress_bar)
-            nfe = len(self.scheduler.timesteps)
+            images, nfe = self._solve(adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam,
+                                      weighting, obs_weight, t_max, t_min, zeta, eta, num_inference_steps, generator,
+                                      callback, dtype, device)
         out = self._to_output(images, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -276,11 +301,14 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback=None,
+        guidance_scale: float = 1.0,
+        guider=None,
     ):
         """Restore images from a measurement of ``[B, 3, height, width]`` images in [-1, 1].
 
-        Args are those of :meth:`RedDiffPipeline.__call__`, plus ``prompt`` (text conditioning of the UNet) and
-        ``x_init`` (an initial image ``[B, 3, H, W]``, encoded to the initial latent ``mu``).
+        Args are those of :meth:`RedDiffPipeline.__call__`, plus ``prompt`` (text conditioning of the UNet; guidance
+        runs against the empty prompt) and ``x_init`` (an initial image ``[B, 3, H, W]``, encoded to the initial
+        latent ``mu``).
         """
         f = self.vae_scale_factor
         size = self.unet.config.sample_size
@@ -296,6 +324,7 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
                          lr, lam, weighting, zeta)
         if x_init is not None and tuple(x_init.shape) != x_shape:
             raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
+        guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
         y = measurement.to(device, dtype)
         if method == "pinv":
@@ -305,28 +334,12 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
 
         text = self.encode_prompt(prompt, batch, device)
         latent_shape = (batch, self.unet.config.in_channels, height // f, width // f)
-
-        def model_fn(z, t):
-            t = torch.as_tensor(t, device=z.device)
-            return self.unet(z, t.expand(z.shape[0]) if t.ndim else t, encoder_hidden_states=text).sample
-
-        pred_type = prediction_type_of(self.scheduler)
-        if method == "reddiff":
-            start = operator.pinv(y, x_shape) if x_init is None else x_init.to(device, dtype)
-            mu0 = self._encode(start.clamp(-1, 1))
-            steps = reddiff_timesteps(num_inference_steps, self.scheduler.config.num_train_timesteps, t_max, t_min)
-            z = red_diff(
-                eps_predictor(model_fn, pred_type, self.scheduler), operator, y, mu0,
-                lambda t: alpha_sigma(self.scheduler, t, ndim=4, dtype=dtype, device=device), steps,
-                lr=lr, lam=lam, weighting=weighting, obs_weight=obs_weight, generator=generator,
-                decode=self._decode, callback=callback, progress=self.progress_bar,
-            )
-            nfe = num_inference_steps
-        else:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-            z = dps(model_fn, pred_type, self.scheduler, operator, y, latents, num_inference_steps, zeta=zeta,
-                    eta=eta, generator=generator, decode=self._decode, callback=callback, progress=self.progress_bar)
-            nfe = len(self.scheduler.timesteps)
+        conditioning = Conditioning(cond={"encoder_hidden_states": text},
+                                    uncond={"encoder_hidden_states": self.encode_prompt("", batch, device)})
+        z, nfe = self._solve(UNetTextAdapter(self.unet), conditioning, guider, method, operator, y, x_shape, x_init,
+                             lr, lam, weighting, obs_weight, t_max, t_min, zeta, eta, num_inference_steps, generator,
+                             callback, dtype, device, encode=self._encode, decode=self._decode,
+                             latent_shape=latent_shape)
         images = self._decode(z)
         out = self._to_output(images, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()

@@ -123,7 +123,7 @@ def test_mdsm_loss_zero_at_analytic_target(kw, pt):
     z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     k = torch.randint(0, 1000, (8,), generator=g)
     x_t = s.add_noise(x0, z, k)
-    m, sd = s._levels(k, x0)
+    m, sd = s.levels(k, x0)
     h_star = -1 - (torch.log(x_t / x0) - m) / sd**2
     target = s.convert(h_star, "hyvarinen", pt, x_t, k)
     for weighting in ("simple", "mdsm"):

@@ -48,20 +48,36 @@ class _LabelEchoUNet(torch.nn.Module):
 
 
 def test_cfg_formula_and_nfe():
+    """One guided evaluation of the core on the echo network: the CFG formula, and the rows each w evaluates."""
+    from gen.diffusion.space import prediction_space
+    from gen.guidance import CFG, StepInfo
+    from gen.sampling import ClassUNetAdapter
+    from gen.sampling.core import evaluate, guided_output
+
     pipe = _pipe()
     echo = _LabelEchoUNet(pipe.unet)
-    pipe.unet = echo
+    adapter = ClassUNetAdapter(echo)
     x = torch.randn(2, 1, 16, 16)
     labels = torch.tensor([3, 7])
+    pipe.scheduler.set_timesteps(4)
+    frame = prediction_space(pipe.scheduler).frame(x, torch.tensor(5))
     for w in (0.0, 1.0, 2.5):
         echo.calls.clear()
-        pred, evals = pipe._predict(x, torch.tensor(5), labels, w)
+        guider = CFG(w)
+        guider.begin(2, 4)
+        info = StepInfo(0, 4, torch.tensor(5), frame.sigma_ratio())
+        raw_c, raw_u, n = evaluate(adapter, frame, torch.tensor(5), adapter.class_conditioning(labels),
+                                   guider.cond_mask(info), guider.uncond_mask(info))
+        pred, _ = guided_output(frame, guider, info, raw_c, raw_u)
         cond = 0.1 * x + 0.01 * labels.view(-1, 1, 1, 1)
         uncond = 0.1 * x + 0.01 * 10
         torch.testing.assert_close(pred, uncond + w * (cond - uncond))
-        assert evals == (2 if w not in (0.0, 1.0) else 1)
+        assert n == (4 if w not in (0.0, 1.0) else 2)  # network rows: both branches, or one
+        assert len(echo.calls) == 1  # one batched call either way
         if w == 1.0:
             assert echo.calls[0].tolist() == [3, 7]
+        if w == 0.0:
+            assert echo.calls[0].tolist() == [10, 10]  # unconditional pass only
 
 
 def test_guided_sampling_counts_nfe_and_is_seeded(tmp_path):

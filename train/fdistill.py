@@ -165,7 +165,7 @@ def load_teacher(cfg):
         return teacher, sched, "toy", {}
     from diffusers import DDPMScheduler
 
-    from pipelines._loading import check_pipeline_folder
+    from gen.sampling.pipeline import check_pipeline_folder
 
     check_pipeline_folder(cfg.teacher)
     from diffusers import DiffusionPipeline

@@ -54,7 +54,7 @@ def mdsm_loss(
     else:
         x_t = scheduler.add_noise(x0, z, timesteps)
         h = scheduler.convert(pred, pt, "hyvarinen", x_t, timesteps)
-        m, s = scheduler._levels(timesteps, h)
+        m, s = scheduler.levels(timesteps, h)
         # the paper's residual: v h_theta + log(x_t / x_0) - m(t) + v  (= v (h_theta - h*))
         diff = s**2 * h + torch.log(x_t / x0) - m + s**2
     per = diff.pow(2).flatten(1).mean(1)

@@ -44,6 +44,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from gen.diffusion.space import Frame, PredictionSpace
+
 GBM_PREDICTION_TYPES = ("hyvarinen", "log_eps", "x0")
 GBM_SCHEDULES = ("constant", "geometric")
 GBM_SAMPLERS = ("dls", "ums", "ddim")
@@ -180,7 +182,7 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
             return torch.zeros_like(t)
         return self.config.mu * t - self.log_var(t) / 2
 
-    def _levels(self, timesteps, like: torch.Tensor):
+    def levels(self, timesteps, like: torch.Tensor):
         """(m, sqrt v) at integer timesteps, shaped to broadcast against ``like`` ([B, ...])."""
         t = self.time(timesteps).reshape(-1)
         shape = (-1,) + (1,) * (like.ndim - 1)
@@ -212,7 +214,7 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
         timesteps [B] integer indices in [0, N)."""
         self.check_positive("original_samples", original_samples)
         self._check_timesteps(timesteps)
-        m, s = self._levels(timesteps, original_samples)
+        m, s = self.levels(timesteps, original_samples)
         return original_samples * torch.exp(m + s * noise)
 
     def _check_timesteps(self, timesteps) -> None:
@@ -224,7 +226,7 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Network input: ``(log x - m(t) - data log mean) / sqrt(data log var + v(t))`` (unit variance)."""
         mean, std = self._channel_stats(sample)
-        m, s = self._levels(timestep, sample)
+        m, s = self.levels(timestep, sample)
         y = torch.log(sample.clamp_min(self.config.positivity_floor))
         return (y - m - mean) / (std**2 + s**2).sqrt()
 
@@ -239,7 +241,7 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"{name} must be one of {GBM_PREDICTION_TYPES}; got {arg!r}")
         if src == dst:
             return pred
-        m, s = self._levels(timesteps, sample)
+        m, s = self.levels(timesteps, sample)
         y = torch.log(sample.clamp_min(self.config.positivity_floor))
         if src == "hyvarinen":
             z = -(pred + 1) * s
@@ -263,7 +265,7 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
         if pt == "x0":
             return original_samples
         if pt == "hyvarinen":
-            _, s = self._levels(timesteps, noise)
+            _, s = self.levels(timesteps, noise)
             return -1 - noise / s
         raise ValueError(f"prediction_type must be one of {GBM_PREDICTION_TYPES}; got {pt!r}")
 
@@ -373,6 +375,53 @@ class GBMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    def prediction_space(self) -> GBMSpace:
+        """The log-space view the sampling core and guiders use (see :class:`GBMSpace`)."""
+        return GBMSpace(self)
+
+
+class GBMFrame(Frame):
+    """One GBM evaluation: ``x`` positive, ``x_in = scale_model_input(x, k)``; in log space
+    ``y - m(t) = log x0 + sqrt(v(t)) z`` is a variance-exploding diffusion (alpha = 1, sigma = sqrt(v)) with
+    clean sample ``log x0`` and noise ``z``. Branches mix (CFG) in ``z``, which is affine in log x0; the network's
+    own output (h, z or x0) is converted to ``z`` first and back for the scheduler."""
+
+    def __init__(self, scheduler: GBMScheduler, x, timestep):
+        self.scheduler, self.x, self.timestep = scheduler, x, timestep
+        self.k = torch.full((x.shape[0],), int(timestep), dtype=torch.long)
+        self.x_in = scheduler.scale_model_input(x, self.k)
+        m, sd = scheduler.levels(self.k[:1], x)
+        self._m, self._sd = m.float(), sd.float()
+        self._y = torch.log(x.float().clamp_min(scheduler.config.positivity_floor)) - self._m
+
+    @property
+    def point(self):
+        return self._y
+
+    def linear(self, raw):
+        return self.scheduler.convert(raw.float(), self.scheduler.config.prediction_type, "log_eps", self.x.float(),
+                                      self.k)
+
+    def to_scheduler(self, lin):
+        return self.scheduler.convert(lin, "log_eps", self.scheduler.config.prediction_type, self.x, self.k)
+
+    def alpha_sigma(self):
+        return torch.ones_like(self._sd), self._sd
+
+    def to_x0_eps(self, lin):
+        return self._y - self._sd * lin, lin
+
+    def from_x0_eps(self, x0, eps):
+        return eps
+
+
+class GBMSpace(PredictionSpace):
+    def __init__(self, scheduler: GBMScheduler):
+        self.scheduler = scheduler
+
+    def frame(self, x, timestep):
+        return GBMFrame(self.scheduler, x, timestep)
+
 
 def lognormal_exact_prediction(
     scheduler: GBMScheduler, sample: torch.Tensor, timesteps, log_mean, log_std, prediction_type: str = "log_eps"
@@ -380,7 +429,7 @@ def lognormal_exact_prediction(
     """The exact network output for data with ``log x_0 ~ N(log_mean, log_std^2)`` (elementwise), for tests and
     demos: y_t ~ N(log_mean + m(t), log_std^2 + v(t)), so ``E[z | x_t] = sqrt(v) (y - log_mean - m) / (log_std^2 + v)``.
     """
-    m, s = scheduler._levels(timesteps, sample)
+    m, s = scheduler.levels(timesteps, sample)
     y = torch.log(sample)
     z = s * (y - log_mean - m) / (log_std**2 + s**2)
     return scheduler.convert(z, "log_eps", prediction_type, sample, timesteps)

@@ -71,6 +71,9 @@ class AdaptiveGuidance(GuiderWrapper):
     def _gate(self, info: StepInfo) -> torch.Tensor:
         return (self.switched_at < 0) | (self.switched_at >= info.step_index)
 
+    def needs_predictions(self, info: StepInfo) -> bool:
+        return True  # the cosine test reads the converted predictions of every evaluated row
+
     def _guide(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         active = self._gate(info)
         measured = self._uncond_mask(info).cpu()  # rows whose uncond pass really ran

@@ -131,6 +131,27 @@ class Guider(ConfigMixin):
         mask = self._uncond_mask(info)
         return mask.expand(batch).to(self._device(info))
 
+    def cond_mask(self, info: StepInfo) -> torch.Tensor:
+        """``[B]`` bool: the samples whose conditional pass is needed at this step (all, except for guiders that
+        use the unconditional branch alone, such as CFG with w = 0). Rows not evaluated reach ``__call__`` with the
+        other branch's values."""
+        batch = self._check_step(info)
+        return self._cond_mask(info).expand(batch).to(self._device(info))
+
+    def linear_weight(self, info: StepInfo) -> torch.Tensor | None:
+        """``[B]`` weights ``a`` when this step's guided prediction is the affine mix ``u + a (c - u)`` of the two
+        branches, the same in every prediction space (CFG: ``a = w``); None when it is not (APG, LinearAG).
+
+        The sampling core then mixes the network outputs directly, exactly as Diffusers' pipelines do, with no
+        conversion to x0 and back.
+        """
+        return None
+
+    def needs_predictions(self, info: StepInfo) -> bool:
+        """Whether ``__call__`` must see this step's converted predictions (state updates, or no
+        :meth:`linear_weight`). A guider with a linear weight that keeps no state returns False."""
+        return True
+
     def __call__(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         """The guided ``x0`` ``[B, ...]`` in ``cond.x0``'s dtype.
 
@@ -163,6 +184,9 @@ class Guider(ConfigMixin):
 
     def _uncond_mask(self, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
+
+    def _cond_mask(self, info: StepInfo) -> torch.Tensor:
+        return torch.ones(self._batch_size(), dtype=torch.bool)
 
     def _guide(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
@@ -267,6 +291,20 @@ class GuiderWrapper(Guider):
 
     def _uncond_mask(self, info: StepInfo) -> torch.Tensor:
         return self.inner.uncond_mask(info) & self._gate(info).to(self._device(info))
+
+    def _cond_mask(self, info: StepInfo) -> torch.Tensor:
+        # gated-off rows are conditional-only
+        return self.inner.cond_mask(info) | ~self._gate(info).to(self._device(info))
+
+    def linear_weight(self, info: StepInfo) -> torch.Tensor | None:
+        a = self.inner.linear_weight(info)
+        if a is None:
+            return None
+        gate = self._gate(info).to(a.device)
+        return torch.where(gate, a, torch.ones_like(a))
+
+    def needs_predictions(self, info: StepInfo) -> bool:
+        return self.inner.needs_predictions(info)
 
     def _gated_call(self, cond: Prediction, uncond: Prediction | None, info: StepInfo, gate: torch.Tensor):
         """Inner guider on the full batch with gated-off rows fed ``uncond := cond``; those rows return

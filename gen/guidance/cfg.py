@@ -13,7 +13,10 @@ class CFG(Guider):
 
         D_w = Dc + (w - 1) (Dc - Du)          (= Du + w (Dc - Du))
 
-    ``w = 1`` is the conditional model alone: the unconditional pass is skipped (mask all False).
+    ``w = 1`` is the conditional model alone: the unconditional pass is skipped (mask all False); ``w = 0`` is the
+    unconditional model alone: the conditional pass is skipped. CFG is affine in the two branches, so the sampling core
+    mixes the raw network outputs (``uncond + w (cond - uncond)``, Diffusers' formula) through ``linear_weight``;
+    ``__call__`` gives the same mix on x0.
 
     Args:
         guidance_scale: w >= 0, finite.
@@ -26,9 +29,21 @@ class CFG(Guider):
     def _uncond_mask(self, info: StepInfo) -> torch.Tensor:
         return torch.full((self._batch_size(),), self.guidance_scale != 1.0, dtype=torch.bool)
 
+    def _cond_mask(self, info: StepInfo) -> torch.Tensor:
+        return torch.full((self._batch_size(),), self.guidance_scale != 0.0, dtype=torch.bool)
+
+    def linear_weight(self, info: StepInfo) -> torch.Tensor:
+        self._check_step(info)
+        return torch.full((self._batch_size(),), self.guidance_scale, device=self._device(info))
+
+    def needs_predictions(self, info: StepInfo) -> bool:
+        return False
+
     def _guide(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         if self.guidance_scale == 1.0:
             return cond.x0
+        if self.guidance_scale == 0.0:
+            return uncond.x0.to(cond.x0.dtype)
         return cond.x0 + (self.guidance_scale - 1.0) * (cond.x0 - uncond.x0.to(cond.x0.dtype))
 
     def to_diffusers_kwargs(self) -> dict:

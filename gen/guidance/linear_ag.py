@@ -15,7 +15,7 @@ from .base import Guider, Prediction, StepInfo, check_scale
 REGRESSORS = ("cond_x0[k]", "cond_x0[k-1]", "uncond_x0[k-1]")
 
 
-def _regressors(cond_k: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> list[torch.Tensor]:
+def regressors(cond_k: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> list[torch.Tensor]:
     """h_k = [Dc_k, Dc_{k-1}, Du_{k-1}]; at the first step there is no history and only Dc_k is used."""
     return [cond_k] if prev is None else [cond_k, prev[0], prev[1]]
 
@@ -123,7 +123,7 @@ class LinearAG(Guider):
         if k < self.num_exact_steps and uncond is not None:
             du = uncond.x0.to(dc.dtype)
         else:
-            h = _regressors(dc, self._prev)
+            h = regressors(dc, self._prev)
             if h[1:] and (h[1].shape != dc.shape or h[2].shape != dc.shape):
                 raise ValueError(
                     f"x0 shape changed from {tuple(h[1].shape)} to {tuple(dc.shape)} within a run; "
@@ -178,7 +178,7 @@ def fit_linear_ag(
         r = torch.zeros(0, p + 1, dtype=torch.float64)
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
-            cols = _regressors(step["cond"][sl], None if prev is None else (prev[0][sl], prev[1][sl]))
+            cols = regressors(step["cond"][sl], None if prev is None else (prev[0][sl], prev[1][sl]))
             cols.append(step["uncond"][sl])
             a = torch.stack([c.detach().reshape(-1).to("cpu", torch.float64) for c in cols], dim=1)
             r = torch.linalg.qr(torch.cat([r, a]), mode="r").R

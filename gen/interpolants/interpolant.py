@@ -261,7 +261,7 @@ class Interpolant:
         return xt, didt, torch.zeros_like(x1)
 
     # ---------------------------------------------------------------------------------------------- conversions
-    def _means(self, pred, src, x, c: Coefficients, x0):
+    def means(self, pred, src, x, c: Coefficients, x0):
         """Conditional means ``(E[x0|x], E[x1|x], E[z|x])`` implied by one prediction (float64 maths)."""
         a, b, g, ad, bd, gd = (_bc(v, x) for v in (c.alpha, c.beta, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
         p = pred.double()
@@ -314,7 +314,7 @@ class Interpolant:
             mz = _div(b * q - bd * r, det, "beta gamma' - gamma beta'", "drift -> other predictions")
         return x0.expand_as(x), m1, mz
 
-    def _from_means(self, m0, m1, mz, dst, c: Coefficients, x):
+    def from_means(self, m0, m1, mz, dst, c: Coefficients, x):
         a, g, ad, bd, gd = (_bc(v, x) for v in (c.alpha, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
         if dst == "x1":
             return m1
@@ -366,8 +366,8 @@ class Interpolant:
             return self._convert_two_sided_free(pred, src, dst, x, c, score)
         if src == dst and not (src == "score" or dst == "score"):
             return pred
-        m0, m1, mz = self._means(pred, src, x, c, x0)
-        return self._from_means(m0, m1, mz, dst, c, x.double()).to(pred.dtype)
+        m0, m1, mz = self.means(pred, src, x, c, x0)
+        return self.from_means(m0, m1, mz, dst, c, x.double()).to(pred.dtype)
 
     def _convert_two_sided_free(self, pred, src, dst, x, c, score):
         if src == dst:

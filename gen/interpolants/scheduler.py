@@ -21,6 +21,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from gen.diffusion.space import Frame, PredictionSpace
+
 from .diffusion_coefficients import DIFFUSION_FORMS, diffusion_coefficient
 from .interpolant import Interpolant, canonical_prediction
 
@@ -306,3 +308,59 @@ class InterpolantScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
+
+    def prediction_space(self) -> InterpolantSpace:
+        """The diffusion view of a one-sided interpolant that guiders use (see :class:`InterpolantSpace`)."""
+        return InterpolantSpace(self)
+
+
+class InterpolantFrame(Frame):
+    """One evaluation of an interpolant sampler at time ``t = timestep / num_train_timesteps``.
+
+    For a one-sided interpolant ``x = alpha(t) z + beta(t) x1`` is a diffusion with clean sample ``x1`` and noise
+    ``z``: in diffusion naming ``alpha_d = beta(t)``, ``sigma_d = alpha(t)``, and the guiders' ``(x0, eps)`` are
+    ``(E[x1|x], E[z|x])`` from :meth:`Interpolant.means`. Every prediction type is affine in these two at a fixed
+    ``(x, t)`` (:meth:`Interpolant.from_means`), so no division by a vanishing coefficient is needed at either end.
+    Two-sided and mirror interpolants have no such pair without the bridge's x0: guiders that convert are refused.
+    """
+
+    def __init__(self, scheduler: InterpolantScheduler, x, timestep):
+        self.scheduler, self.x, self.x_in, self.timestep = scheduler, x, x, timestep
+        self.t = float(torch.as_tensor(timestep).reshape(-1)[0]) / scheduler.config.num_train_timesteps
+        self._c = None
+
+    @property
+    def coefficients(self):
+        if self._c is None:
+            self._c = self.scheduler.interpolant.coefficients(torch.tensor(min(max(self.t, 0.0), 1.0)))
+        return self._c
+
+    def _one_sided(self):
+        interp = self.scheduler.interpolant
+        if interp.kind != "one_sided":
+            raise ValueError(f"guiders need a one-sided (noise -> data) interpolant; this one is {interp.kind!r}")
+        return interp
+
+    def alpha_sigma(self):
+        c = self.coefficients
+        shape = (1,) + (1,) * (self.x.ndim - 1)
+        return (c.beta.reshape(shape).to(self.x.device, self.x.dtype),
+                c.alpha.reshape(shape).to(self.x.device, self.x.dtype))
+
+    def to_x0_eps(self, lin):
+        m0, m1, _ = self._one_sided().means(lin, self.scheduler.prediction, self.x, self.coefficients, None)
+        return m1.to(lin.dtype), m0.to(lin.dtype)
+
+    def from_x0_eps(self, x0, eps):
+        interp = self._one_sided()
+        out = interp.from_means(eps.double(), x0.double(), torch.zeros_like(x0, dtype=torch.float64),
+                                self.scheduler.prediction, self.coefficients, self.x.double())
+        return out.to(x0.dtype)
+
+
+class InterpolantSpace(PredictionSpace):
+    def __init__(self, scheduler: InterpolantScheduler):
+        self.scheduler = scheduler
+
+    def frame(self, x, timestep):
+        return InterpolantFrame(self.scheduler, x, timestep)

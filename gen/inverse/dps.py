@@ -9,22 +9,48 @@ Each step of the unconditional sampler is followed by a gradient step on the dat
 
 i.e. the paper's step ``zeta_i grad ||y - H(x0_hat)||^2`` with ``zeta_i = zeta / (2 ||y - H(x0_hat)||)`` (the
 normalisation of the official code, per image here). The gradient runs back through the network: a step costs
-one forward and one backward pass.
+one forward and one backward pass. DPS is a per-step hook of the sampling core (:class:`DPSHook`), so it runs with
+every scheduler, guider and model family the core supports.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
 
-from gen.diffusion import alpha_sigma, to_x0_eps
+from gen.sampling import CallableAdapter, StepHook, StepState, denoise, scheduler_step_kwargs
 
 from .operators import Operator
 
-__all__ = ["dps"]
+__all__ = ["DPSHook", "dps"]
+
+
+class DPSHook(StepHook):
+    """The DPS measurement step after each scheduler step:
+    ``x_{i-1} = x'_{i-1} - zeta * grad_{x_i} ||y - H(D(x0_hat(x_i)))||`` (per image).
+
+    Args:
+        operator, y: measurement operator and measurement ``[B, ...]``.
+        zeta: step size (>= 0; 0 gives the plain sampler).
+        decode: optional latent -> image map applied to ``x0_hat`` before ``H`` (latent DPS).
+    """
+
+    needs_grad = True
+
+    def __init__(self, operator: Operator, y: torch.Tensor, zeta: float = 1.0,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
+            raise ValueError(f"zeta must be a finite number >= 0; got {zeta!r}")
+        self.operator, self.y, self.zeta, self.decode = operator, y, float(zeta), decode
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        image = self.decode(state.x0) if self.decode is not None else state.x0
+        residual = (self.y - self.operator.forward(image)).flatten(1)
+        norm = residual.pow(2).sum(dim=1).clamp_min(1e-20).sqrt()  # finite gradient at 0
+        (grad,) = torch.autograd.grad(norm.sum(), state.x)
+        return state.prev_sample - self.zeta * grad
 
 
 def dps(
@@ -42,10 +68,11 @@ def dps(
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: Callable | None = None,
 ) -> torch.Tensor:
-    """DPS sampling.
+    """DPS sampling with a plain callable network.
 
     Args:
         model_fn: ``model_fn(x_in, t) -> prediction`` of type ``prediction_type`` (differentiable).
+        prediction_type: must be the scheduler's (``gen.diffusion.prediction_type_of``).
         scheduler: a Diffusers scheduler; ``set_timesteps(num_inference_steps)`` is called here.
         operator: measurement operator; ``y`` its measurement ``[B, ...]``.
         latents: initial noise ``[B, C, H, W]`` (scaled here by ``scheduler.init_noise_sigma``).
@@ -55,32 +82,19 @@ def dps(
     Returns:
         the final sample ``[B, C, H, W]`` (detached).
     """
-    if not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
-        raise ValueError(f"zeta must be a finite number >= 0; got {zeta!r}")
+    from gen.diffusion import prediction_type_of
+
+    if prediction_type != prediction_type_of(scheduler):
+        raise ValueError(f"prediction_type={prediction_type!r} but the scheduler expects "
+                         f"{prediction_type_of(scheduler)!r}")
+    hook = DPSHook(operator, y, zeta, decode)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
-    params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {}
-    if "eta" in params:
-        step_kwargs["eta"] = eta
-    if "generator" in params:
-        step_kwargs["generator"] = generator
-    steps = progress(scheduler.timesteps) if progress is not None else scheduler.timesteps
-    for i, t in enumerate(steps):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            x_in = scale_input(x, t)
-            pred = model_fn(x_in, t)
-            a, s = alpha_sigma(scheduler, t, ndim=x.ndim, dtype=x.dtype, device=x.device)
-            x0_hat = to_x0_eps(pred, prediction_type, x_in, a, s)[0]
-            image = decode(x0_hat) if decode is not None else x0_hat
-            residual = (y - operator.forward(image)).flatten(1)
-            norm = residual.pow(2).sum(dim=1).clamp_min(1e-20).sqrt()  # finite gradient at 0
-            (grad,) = torch.autograd.grad(norm.sum(), x)
-        with torch.no_grad():
-            x_prev = scheduler.step(pred.detach(), t, x.detach(), **step_kwargs).prev_sample
-            x = x_prev - zeta * grad
+    params = scheduler_step_kwargs(scheduler, eta, generator)
+
+    def on_step_end(k, t, x):
         if callback is not None:
-            callback(i, t, x)
-    return x.detach()
+            callback(k, t, x)
+
+    return denoise(CallableAdapter(model_fn), scheduler, x, num_inference_steps, hook=hook, step_kwargs=params,
+                   progress=progress, on_step_end=on_step_end).sample.detach()

@@ -35,10 +35,12 @@ from collections.abc import Callable
 import torch
 
 from gen.diffusion import alpha_sigma, to_x0_eps
+from gen.diffusion.conversions import PREDICTION_TYPES
+from gen.diffusion.space import Frame, PredictionSpace
 
 from .operators import Operator
 
-__all__ = ["WEIGHTINGS", "snr_weight", "reddiff_timesteps", "red_diff", "eps_predictor"]
+__all__ = ["WEIGHTINGS", "RedDiffSolver", "snr_weight", "reddiff_timesteps", "red_diff", "eps_predictor"]
 
 WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip_linear", "const")
 
@@ -88,6 +90,125 @@ def eps_predictor(model_fn: Callable, prediction_type: str, scheduler) -> Callab
     return eps_fn
 
 
+def check_reddiff_settings(lr, lam, weighting) -> None:
+    """``ValueError`` naming a bad RED-Diff setting."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0; got {lam!r}")
+    if not callable(weighting) and weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable g(alpha, sigma)")
+
+
+class _RedDiffFrame(Frame):
+    """``x = mu``; the network sees ``x_t = alpha_t mu + sigma_t eps`` with fresh ``eps``; conversions are those of
+    the prior's scheduler at ``x_t``."""
+
+    def __init__(self, solver: RedDiffSolver, mu, timestep):
+        self.solver, self.x, self.timestep = solver, mu, timestep
+        t_b = torch.as_tensor(timestep).reshape(1).expand(mu.shape[0]).to(mu.device)
+        self._alpha, self._sigma = solver.schedule(t_b)
+        g = solver.generator
+        self.eps = torch.randn(mu.shape, generator=g, dtype=torch.float32,
+                               device=getattr(g, "device", "cpu")).to(mu.device, mu.dtype)
+        self.x_in = self._alpha * mu + self._sigma * self.eps
+
+    def alpha_sigma(self):
+        return self._alpha, self._sigma
+
+    def to_x0_eps(self, lin):
+        return to_x0_eps(lin, self.solver.prediction_type, self.x_in, self._alpha.to(lin.dtype),
+                         self._sigma.to(lin.dtype))
+
+    def from_x0_eps(self, x0, eps):
+        from gen.diffusion import from_x0_eps
+
+        return from_x0_eps(x0, eps, self.solver.prediction_type, self._alpha.to(x0.dtype), self._sigma.to(x0.dtype))
+
+
+class _RedDiffSpace(PredictionSpace):
+    def __init__(self, solver: RedDiffSolver):
+        self.solver = solver
+
+    def frame(self, x, timestep):
+        self.solver.last_frame = _RedDiffFrame(self.solver, x, timestep)
+        return self.solver.last_frame
+
+
+class RedDiffSolver:
+    """RED-Diff (Algorithm 1 of Mardani et al. 2024) as a "scheduler" of the sampling core (``denoise``).
+
+    The core's state is the variational mean ``mu``; at each ``t`` of the descending grid it evaluates the prior at
+    ``x_t = alpha_t mu + sigma_t eps`` (this solver's prediction space draws ``eps``), guides if asked, and calls
+    :meth:`step`, which takes one Adam step on
+
+        loss(mu) = w_obs ||y - H(D(mu))||^2 / 2 + lambda_t <sg(eps_hat - eps), mu>
+
+    (``D`` the optional decoder of latent RED-Diff). The network is never differentiated.
+
+    Args:
+        operator, y: the measurement operator and measurement ``[B, ...]``.
+        x_init: the initial mean ``mu`` (``H^+ y``, or its latent encoding).
+        schedule: ``t [B] -> (alpha_t, sigma_t)``, broadcastable against ``mu``.
+        timesteps: 1-D descending grid (:func:`reddiff_timesteps`).
+        prediction_type: the network's prediction space (converted to ``eps_hat`` at ``x_t``).
+        lr, lam, weighting, obs_weight, adam_betas, generator, decode: see :func:`red_diff`.
+    """
+
+    order = 1
+
+    def __init__(self, operator: Operator, y: torch.Tensor, x_init: torch.Tensor, schedule: Callable,
+                 timesteps, prediction_type: str = "epsilon", lr: float = 0.25, lam: float = 0.25,
+                 weighting: str | Callable = "linear", obs_weight: float | None = None,
+                 adam_betas: tuple[float, float] = (0.9, 0.99), generator: torch.Generator | None = None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        check_reddiff_settings(lr, lam, weighting)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+        if obs_weight is None:
+            obs_weight = 1.0 / operator.sigma_y**2 if operator.sigma_y > 0 else 1.0
+        if not math.isfinite(obs_weight) or obs_weight < 0:
+            raise ValueError(f"obs_weight must be a finite number >= 0; got {obs_weight!r}")
+        timesteps = torch.as_tensor(timesteps)
+        if timesteps.ndim != 1 or timesteps.numel() == 0:
+            raise ValueError(f"timesteps must be a non-empty 1-D tensor; got shape {tuple(timesteps.shape)}")
+        self.operator, self.y, self.schedule, self.decode = operator, y, schedule, decode
+        self.prediction_type, self.lam, self.weighting, self.obs_weight = prediction_type, lam, weighting, obs_weight
+        self.generator = generator
+        self.timesteps = timesteps
+        self.mu = x_init.detach().clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.mu], lr=lr, betas=adam_betas, weight_decay=0.0)
+        self.last_frame: _RedDiffFrame | None = None
+
+    @property
+    def initial_state(self) -> torch.Tensor:
+        return self.mu.detach()
+
+    def prediction_space(self) -> PredictionSpace:
+        return _RedDiffSpace(self)
+
+    def step(self, model_output, timestep, sample, return_dict: bool = False):
+        """One Adam step on ``mu`` from the (guided) network output at this frame; returns ``(mu,)``."""
+        frame = self.last_frame
+        if frame is None:
+            raise ValueError("RedDiffSolver.step needs the frame of this step (run it through gen.sampling.denoise)")
+        with torch.no_grad():
+            eps_hat = frame.to_x0_eps(model_output.to(frame.x_in.dtype))[1]
+            alpha, sigma = frame.alpha_sigma()
+            lam_t = self.lam * snr_weight(self.weighting, alpha, sigma)
+            reg_grad = lam_t * (eps_hat - frame.eps)
+        # loss = w ||y - H(mu)||^2 / 2 + lambda_t <sg(eps_hat - eps), mu>; one Adam step on mu
+        with torch.enable_grad():
+            image = self.decode(self.mu) if self.decode is not None else self.mu
+            residual = self.y - self.operator.forward(image)
+            loss = 0.5 * self.obs_weight * residual.pow(2).sum() + (reg_grad * self.mu).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.optimizer.step()
+        out = self.mu.detach()
+        return (out,) if not return_dict else {"prev_sample": out}
+
+
 def red_diff(
     eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     operator: Operator,
@@ -105,10 +226,10 @@ def red_diff(
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: Callable | None = None,
 ) -> torch.Tensor:
-    """RED-Diff (Algorithm 1 of Mardani et al. 2024), batched.
+    """RED-Diff (Algorithm 1 of Mardani et al. 2024), batched, through the sampling core (:class:`RedDiffSolver`).
 
     Args:
-        eps_fn: ``eps_fn(x_t, t) -> eps_hat`` with ``t`` a ``[B]`` long tensor; called under ``torch.no_grad``.
+        eps_fn: ``eps_fn(x_t, t) -> eps_hat``; called under ``torch.no_grad``.
         operator: the measurement operator (``operator.forward`` is differentiated by autograd).
         y: measurement ``[B, ...]`` (``operator.measurement_shape`` of the decoded image shape).
         x_init: initial mean ``mu`` ``[B, C, H, W]`` (``H^+(y)``, or its latent encoding).
@@ -125,42 +246,23 @@ def red_diff(
     Returns:
         the final ``mu`` (detached), same shape as ``x_init``.
     """
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0; got {lam!r}")
-    if not callable(weighting) and weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable g(alpha, sigma)")
-    if obs_weight is None:
-        obs_weight = 1.0 / operator.sigma_y**2 if operator.sigma_y > 0 else 1.0
-    if not math.isfinite(obs_weight) or obs_weight < 0:
-        raise ValueError(f"obs_weight must be a finite number >= 0; got {obs_weight!r}")
-    timesteps = torch.as_tensor(timesteps)
-    if timesteps.ndim != 1 or timesteps.numel() == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-D tensor; got shape {tuple(timesteps.shape)}")
+    from gen.sampling import CallableAdapter
 
-    mu = x_init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([mu], lr=lr, betas=adam_betas, weight_decay=0.0)
-    batch = mu.shape[0]
-    steps = progress(timesteps) if progress is not None else timesteps
-    for i, t in enumerate(steps):
-        t_b = t.reshape(1).expand(batch).to(mu.device)
-        alpha, sigma = schedule(t_b)
-        # 1. x_t = alpha_t mu + sigma_t eps and the network's noise estimate, without gradient
-        eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
-        with torch.no_grad():
-            x_t = alpha * mu + sigma * eps
-            eps_hat = eps_fn(x_t, t_b)
-            lam_t = lam * snr_weight(weighting, alpha, sigma)
-            reg_grad = lam_t * (eps_hat - eps)
-        # 2. loss = w ||y - H(mu)||^2 / 2 + lambda_t <sg(eps_hat - eps), mu>; one Adam step on mu
-        with torch.enable_grad():
-            image = decode(mu) if decode is not None else mu
-            residual = y - operator.forward(image)
-            loss = 0.5 * obs_weight * residual.pow(2).sum() + (reg_grad * mu).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
+    solver = RedDiffSolver(operator, y, x_init, schedule, timesteps, "epsilon", lr=lr, lam=lam, weighting=weighting,
+                           obs_weight=obs_weight, adam_betas=adam_betas, generator=generator, decode=decode)
+    return run_red_diff(CallableAdapter(eps_fn), solver, callback=callback, progress=progress)
+
+
+def run_red_diff(model, solver: RedDiffSolver, conditioning=None, guider=None, callback=None, progress=None):
+    """Run ``solver`` with the sampling core on ``model`` (an adapter or network) and return the final ``mu``."""
+    from gen.sampling import denoise
+
+    n = len(solver.timesteps)
+
+    def on_step_end(k, t, x):
         if callback is not None:
-            callback(i, t, mu.detach())
-    return mu.detach()
+            callback(k, t, x)
+
+    result = denoise(model, solver, solver.initial_state, n, conditioning, guider, keep_grad=[False] * n,
+                     progress=progress, on_step_end=on_step_end)
+    return result.sample

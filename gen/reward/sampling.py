@@ -22,16 +22,21 @@ How K is chosen (:class:`Truncation`):
   gradient with probability P(r <= i); this is not "one random K" and the kept steps need not be contiguous.
 
 The scheduler step itself is any Diffusers scheduler's ``step`` (DDIM with ``eta`` included), run with autograd on.
+Sampling runs the one core of :mod:`gen.sampling` with its keep-gradient mask; classifier-free guidance is the
+core's ``gen.guidance.CFG`` (any other guider works too).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from gen.guidance import CFG, Guider
+from gen.sampling import CallableAdapter, ClassUNetAdapter, Conditioning, UNetTextAdapter, adapter_for, denoise
+from gen.sampling.core import scheduler_step_kwargs
 
 TRUNCATION_MODES = ("fixed", "uniform", "per_step_random")
 
@@ -98,20 +103,28 @@ class Truncation:
 
 
 def step_kwargs_for(scheduler, eta: float = 0.0, generator=None) -> dict:
-    """Keyword arguments ``scheduler.step`` accepts among ``eta`` and ``generator`` (as Diffusers pipelines do)."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    elif eta != 0.0:
-        raise ValueError(f"eta={eta} given but {type(scheduler).__name__}.step has no eta; use eta=0")
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
+    """Keyword arguments ``scheduler.step`` accepts among ``eta`` and ``generator``; a non-zero ``eta`` on a
+    scheduler without it is a ``ValueError``."""
+    return scheduler_step_kwargs(scheduler, eta, generator, strict=True)
+
+
+@dataclasses.dataclass
+class GuidedModel:
+    """A network with the inputs of its branches and a guider: what :func:`sample_with_grad` samples.
+
+    Args:
+        model: a network or :class:`gen.sampling.ModelAdapter`.
+        conditioning: the conditional / unconditional inputs (rows aligned with the latents).
+        guider: a ``gen.guidance.Guider`` (``CFG(w)`` for the usual classifier-free guidance).
+    """
+
+    model: object
+    conditioning: Conditioning
+    guider: Guider
 
 
 def sample_with_grad(
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model_fn,
     scheduler,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -122,15 +135,17 @@ def sample_with_grad(
     keep_mask: list[bool] | None = None,
     progress: Callable | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Run the scheduler loop from ``latents`` with gradients through the kept steps.
+    """Run the scheduler loop from ``latents`` with gradients through the kept steps (the sampling core's
+    keep-gradient mask).
 
     Per step i with timestep t (x_in = scheduler.scale_model_input(x, t)):
-        pred = model_fn(x_in, t)                (checkpointed, with grad, if step i is kept; else under no_grad)
+        pred = guided network output at x_in   (checkpointed, with grad, if step i is kept; else under no_grad)
         x    = scheduler.step(pred, t, x, eta=eta, generator=generator).prev_sample   (autograd on)
 
     Args:
-        model_fn: ``(x_in [B,C,H,W], t) -> prediction`` in the scheduler's ``prediction_type`` (classifier-free
-            guidance, if any, already combined). Must be deterministic (no dropout) for checkpointing.
+        model_fn: a :class:`GuidedModel` (network + conditioning + guider), a network, or a callable
+            ``(x_in [B,C,H,W], t) -> prediction`` in the scheduler's ``prediction_type``. Must be deterministic
+            (no dropout) for checkpointing.
         scheduler: any Diffusers scheduler; ``set_timesteps(num_inference_steps)`` is called here.
         latents: x_T [B,C,H,W], unscaled unit noise (multiplied by ``init_noise_sigma`` here).
         num_inference_steps: T.
@@ -142,36 +157,29 @@ def sample_with_grad(
         progress: optional wrapper around the timestep iterator (e.g. a pipeline's ``progress_bar``).
 
     Returns:
-        ``(x_0 latents [B,C,H,W], info)`` with ``info = {"keep_mask": [...], "k": number of kept steps}``.
+        ``(x_0 latents [B,C,H,W], info)`` with ``info = {"keep_mask": [...], "k": number of kept steps,
+        "nfe": network evaluations per sample}``.
     """
     truncation = truncation or Truncation(mode="fixed", k=None)
-    device = latents.device
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    if len(timesteps) != num_inference_steps:  # e.g. second-order schedulers with repeated timesteps
-        num_inference_steps = len(timesteps)
-    if keep_mask is None:
-        keep_mask = truncation.keep_mask(num_inference_steps, generator)
-    elif len(keep_mask) != num_inference_steps:
-        raise ValueError(f"keep_mask has {len(keep_mask)} entries; expected {num_inference_steps}")
     kwargs = step_kwargs_for(scheduler, eta, generator)
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    n_t = len(scheduler.timesteps)  # second-order schedulers list more timesteps than steps
+    if keep_mask is None:
+        keep_mask = truncation.keep_mask(n_t, generator)
+    elif len(keep_mask) != n_t:
+        raise ValueError(f"keep_mask has {len(keep_mask)} entries; expected {n_t}")
+    if isinstance(model_fn, GuidedModel):
+        model, conditioning, guider = model_fn.model, model_fn.conditioning, model_fn.guider
+    else:
+        try:  # a network of a supported family gets its adapter; any other callable is called as is
+            model = adapter_for(model_fn)
+        except ValueError:
+            model = CallableAdapter(model_fn)
+        conditioning, guider = None, None
     x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale_input = getattr(scheduler, "scale_model_input", lambda s, t: s)
-    it = enumerate(timesteps)
-    if progress is not None:
-        it = progress(it)
-    for i, t in it:
-        x_in = scale_input(x, t)
-        if keep_mask[i]:
-            if gradient_checkpointing and torch.is_grad_enabled():
-                pred = checkpoint(model_fn, x_in, t, use_reentrant=False)
-            else:
-                pred = model_fn(x_in, t)
-        else:
-            with torch.no_grad():
-                pred = model_fn(x_in, t)
-        x = scheduler.step(pred, t, x, **kwargs).prev_sample
-    return x, {"keep_mask": list(keep_mask), "k": int(sum(keep_mask))}
+    result = denoise(model, scheduler, x, num_inference_steps, conditioning, guider, step_kwargs=kwargs,
+                     keep_grad=keep_mask, gradient_checkpointing=gradient_checkpointing, progress=progress)
+    return result.sample, {"keep_mask": list(keep_mask), "k": int(sum(keep_mask)), "nfe": result.nfe}
 
 
 def check_reward(rewards, batch_size: int, name: str = "reward") -> torch.Tensor:
@@ -223,17 +231,10 @@ class ClassConditionalBackend:
         size = tuple(s) if isinstance(s, (tuple, list)) else (s, s)
         return (batch, self.cfg.in_channels, *size)
 
-    def model_fn(self, cond: torch.Tensor):
-        w, null = self.guidance_scale, self.num_classes
-
-        def fn(x, t):
-            if w == 1.0:
-                return self.unet(x, t, class_labels=cond).sample
-            both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, torch.full_like(cond, null)])).sample
-            c, u = both.chunk(2)
-            return u + w * (c - u)
-
-        return fn
+    def model_fn(self, cond: torch.Tensor) -> GuidedModel:
+        """The network with labels ``cond`` (and the null class) under ``CFG(guidance_scale)``."""
+        adapter = ClassUNetAdapter(self.unet)
+        return GuidedModel(adapter, adapter.class_conditioning(cond), CFG(guidance_scale=self.guidance_scale))
 
     def decode(self, latents: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
         return (latents / 2 + 0.5).clamp(0, 1)
@@ -263,28 +264,21 @@ class StableDiffusionBackend:
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(device))[0]
 
-    def encode(self, prompts, device):
+    def encode(self, prompts, device) -> Conditioning:
+        """Text embeddings of ``prompts`` and, when guided, of ``negative_prompt`` (the unconditional branch)."""
         cond = self._embed(prompts, device)
         if self.guidance_scale == 1.0:
-            return cond
+            return Conditioning(cond={"encoder_hidden_states": cond})
         neg = self._embed([self.negative_prompt], device).expand(len(prompts), -1, -1)
-        return torch.cat([neg, cond])
+        return Conditioning(cond={"encoder_hidden_states": cond}, uncond={"encoder_hidden_states": neg})
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         s = self.resolution // self.vae_scale_factor
         return (batch, self.cfg.in_channels, s, s)
 
-    def model_fn(self, cond: torch.Tensor):
-        w = self.guidance_scale
-
-        def fn(x, t):
-            if w == 1.0:
-                return self.unet(x, t, encoder_hidden_states=cond).sample
-            out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=cond.to(x.dtype)).sample
-            u, c = out.chunk(2)
-            return u + w * (c - u)
-
-        return fn
+    def model_fn(self, cond: Conditioning) -> GuidedModel:
+        """The UNet with the encoded prompts under ``CFG(guidance_scale)``."""
+        return GuidedModel(UNetTextAdapter(self.unet), cond, CFG(guidance_scale=self.guidance_scale))
 
     def decode(self, latents: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
         z = latents / self.vae.config.scaling_factor

@@ -1,0 +1,161 @@
+"""Prediction spaces: how a network's output at one evaluation point relates to the clean sample and the noise.
+
+The sampling core (:mod:`gen.sampling`) asks the scheduler's space for a :class:`Frame` at every evaluation:
+
+    frame = prediction_space(scheduler).frame(x, t)      # x: the sampler's state, t: the scheduler timestep
+    raw = net(frame.x_in, t, ...)                         # the network sees frame.x_in
+    lin = frame.linear(raw)                               # the space where branches combine affinely (CFG)
+    x0, eps = frame.to_x0_eps(lin)                        # what guiders see: x_in = alpha x0 + sigma eps
+    scheduler.step(frame.to_scheduler(lin), t, x)
+
+``linear``/``to_scheduler`` are the identity for Gaussian diffusion, flow matching and interpolants (every
+conversion there is affine in the prediction at a fixed point, so an affine combination of two branches, as in
+classifier-free guidance, is the same in every space); the multiplicative (GBM) family maps its output to the
+log-space noise ``z`` first. A family plugs in by giving its scheduler a ``prediction_space()`` method that returns
+a :class:`PredictionSpace`; Diffusers' variance-preserving and rectified-flow schedulers get
+:class:`DiffusionSpace` from :func:`prediction_space`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .conversions import _is_flow_scheduler, from_x0_eps, prediction_type_of, to_x0_eps
+
+
+def _rows(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+class Frame:
+    """One evaluation point of a sampler: the network input and the maps between the network's output and
+    ``(x0, eps)`` with ``x_in = alpha x0 + sigma eps``.
+
+    Subclasses set ``x``, ``x_in``, ``timestep`` and implement :meth:`to_x0_eps`, :meth:`from_x0_eps` and
+    :meth:`sigma_ratio`; :meth:`linear` / :meth:`to_scheduler` default to the identity.
+    """
+
+    x: torch.Tensor
+    x_in: torch.Tensor
+    timestep: torch.Tensor
+
+    @property
+    def point(self) -> torch.Tensor:
+        """Where ``point = alpha x0 + sigma eps`` holds (the network input, unless a family says otherwise)."""
+        return self.x_in
+
+    def linear(self, raw: torch.Tensor) -> torch.Tensor:
+        """The network output in the space where two branches may be mixed affinely (CFG)."""
+        return raw
+
+    def to_scheduler(self, lin: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`linear`: what ``scheduler.step`` takes."""
+        return lin
+
+    def to_x0_eps(self, lin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` of ``x_in = alpha x0 + sigma eps``, each ``[B, 1, ..., 1]``."""
+        raise NotImplementedError
+
+    def sigma_ratio(self) -> torch.Tensor:
+        """``[B]`` Karras/EDM noise level ``sigma / alpha`` (inf where alpha = 0)."""
+        alpha, sigma = self.alpha_sigma()
+        b = self.x.shape[0]
+        return (sigma / alpha).reshape(-1).expand(b).float()
+
+    def from_guided_x0(self, x0_hat: torch.Tensor, cond_x0: torch.Tensor, cond_eps: torch.Tensor) -> torch.Tensor:
+        """The output in :meth:`linear` space for a guided ``x0_hat`` (a guider that is not affine, e.g. APG).
+
+        ``eps_hat = (x_in - alpha x0_hat) / sigma``; where ``sigma = 0`` (the data end of an interpolant) x0 is
+        fixed by ``x_in`` alone, guidance on x0 is void there, and the conditional eps is kept.
+        """
+        alpha, sigma = self.alpha_sigma()
+        alpha, sigma = alpha.to(x0_hat.dtype), sigma.to(x0_hat.dtype)
+        safe = torch.where(sigma == 0, torch.ones_like(sigma), sigma)
+        eps_hat = torch.where(sigma == 0, cond_eps, (self.point - alpha * x0_hat) / safe)
+        return self.from_x0_eps(x0_hat, eps_hat)
+
+
+class PredictionSpace:
+    """Makes the :class:`Frame` of each evaluation; one per scheduler (family)."""
+
+    def frame(self, x: torch.Tensor, timestep) -> Frame:
+        raise NotImplementedError
+
+
+class DiffusionFrame(Frame):
+    """A frame of a Diffusers scheduler: ``x_in = scheduler.scale_model_input(x, t)``, conversions with
+    ``gen.diffusion.to_x0_eps`` in the scheduler's prediction type."""
+
+    def __init__(self, space: DiffusionSpace, x, timestep, x_in):
+        self.space, self.x, self.timestep, self.x_in = space, x, timestep, x_in
+        self._as = None
+
+    def alpha_sigma(self):
+        if self._as is None:
+            self._as = self.space.alpha_sigma(self.timestep, self.x_in)
+        return self._as
+
+    def to_x0_eps(self, lin):
+        alpha, sigma = self.alpha_sigma()
+        return to_x0_eps(lin, self.space.prediction_type, self.x_in, alpha.to(lin.dtype), sigma.to(lin.dtype))
+
+    def from_x0_eps(self, x0, eps):
+        alpha, sigma = self.alpha_sigma()
+        return from_x0_eps(x0, eps, self.space.prediction_type, alpha.to(x0.dtype), sigma.to(x0.dtype))
+
+
+class DiffusionSpace(PredictionSpace):
+    """Variance-preserving (``alphas_cumprod``) and rectified-flow (``FlowMatchEulerDiscreteScheduler``) schedulers.
+
+    ``alpha_t, sigma_t`` are those of :func:`gen.diffusion.alpha_sigma` (Karras levels interpolated linearly in t at
+    fractional timesteps; ``1 - s, s`` with ``s = t / T`` for flow matching), computed from a table built once.
+    """
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type_of(scheduler)
+        self.flow = _is_flow_scheduler(scheduler)
+        if not self.flow:
+            if not hasattr(scheduler, "alphas_cumprod"):
+                raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod nor a flow-matching config")
+            abar = scheduler.alphas_cumprod.to(torch.float64).cpu()
+            self._karras = ((1.0 - abar) / abar).sqrt()
+        self._scale = getattr(scheduler, "scale_model_input", None)
+
+    def alpha_sigma(self, timestep, like: torch.Tensor):
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        if self.flow:
+            s = t / float(self.scheduler.config.num_train_timesteps)
+            if (s < 0).any() or (s > 1).any():
+                raise ValueError(f"flow timesteps must lie in [0, num_train_timesteps]; got {t.tolist()}")
+            alpha, sigma = 1.0 - s, s
+        else:
+            k = self._karras
+            if (t < 0).any() or (t > len(k) - 1).any():
+                raise ValueError(f"timesteps must lie in [0, {len(k) - 1}]; got {t.tolist()}")
+            lo = t.floor().long().clamp(max=len(k) - 1)
+            hi = (lo + 1).clamp(max=len(k) - 1)
+            s = k[lo] + (t - lo) * (k[hi] - k[lo])
+            norm = (1.0 + s**2).sqrt()
+            alpha, sigma = 1.0 / norm, s / norm
+        return (_rows(alpha, like.ndim).to(device=like.device, dtype=like.dtype),
+                _rows(sigma, like.ndim).to(device=like.device, dtype=like.dtype))
+
+    def frame(self, x, timestep):
+        x_in = self._scale(x, timestep) if self._scale is not None else x
+        return DiffusionFrame(self, x, timestep, x_in)
+
+
+def prediction_space(scheduler) -> PredictionSpace:
+    """The :class:`PredictionSpace` of ``scheduler``: its own ``prediction_space()`` when it has one (GBM,
+    interpolants, RED-Diff), else :class:`DiffusionSpace` (Diffusers' VP and flow-matching schedulers)."""
+    own = getattr(scheduler, "prediction_space", None)
+    if callable(own):
+        return own()
+    return DiffusionSpace(scheduler)
