@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from gen.diffusion import make_scheduler
 from gen.sampling import ClassUNetAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
+    check_conditioning_kind,
     check_generator,
     check_output_type,
     check_steps,
@@ -126,6 +127,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt=None,
     ):
         """Generate images.
 
@@ -145,6 +147,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             ``ClassConditionalPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``; ``nfe`` is the mean number
             of network evaluations per image (AG makes it fractional).
         """
+        check_conditioning_kind("class", prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)

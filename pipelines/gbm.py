@@ -18,6 +18,7 @@ from diffusers import UNet2DModel
 from gen.gbm import GBM_SAMPLERS, GBMScheduler
 from gen.sampling import denoise
 from gen.sampling.pipeline import (
+    check_conditioning_kind,
     check_generator,
     check_output_type,
     check_steps,
@@ -64,6 +65,7 @@ class GBMPipeline(ClassConditionalPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt=None,
     ):
         """Generate images.
 
@@ -79,6 +81,7 @@ class GBMPipeline(ClassConditionalPipeline):
         """
         if sampler is not None and sampler not in GBM_SAMPLERS:
             raise ValueError(f"sampler must be one of {GBM_SAMPLERS}; got {sampler!r}")
+        check_conditioning_kind("class", prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)

@@ -17,7 +17,14 @@ from diffusers.utils import BaseOutput
 
 from gen.guidance import Guider
 from gen.sampling import Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
-from gen.sampling.pipeline import check_steps, guarded_from_pretrained, nfe_value, resolve_guider, step_end_callback
+from gen.sampling.pipeline import (
+    check_conditioning_kind,
+    check_steps,
+    guarded_from_pretrained,
+    nfe_value,
+    resolve_guider,
+    step_end_callback,
+)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         guider: Guider | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        class_labels=None,
     ):
         """Generate images from text.
 
@@ -76,6 +84,7 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
             ``GuidedStableDiffusionPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``.
         """
         # 0. arguments
+        check_conditioning_kind("text", class_labels=class_labels)
         guider = resolve_guider(guidance_scale, guider, default_scale=7.5)
         steps = check_steps(num_inference_steps)
         if output_type not in ("pil", "np", "pt", "latent"):

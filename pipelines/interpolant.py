@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from gen.interpolants.scheduler import InterpolantScheduler
 from gen.sampling import ClassUNetAdapter, denoise
 from gen.sampling.pipeline import (
+    check_conditioning_kind,
     check_generator,
     check_output_type,
     check_steps,
@@ -138,6 +139,7 @@ class InterpolantPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt=None,
     ):
         """Generate images.
 
@@ -157,6 +159,7 @@ class InterpolantPipeline(DiffusionPipeline):
         Returns:
             ``InterpolantPipelineOutput(images, nfe)`` or ``(images, nfe)``.
         """
+        check_conditioning_kind("class", prompt=prompt)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)
         check_output_type(output_type)

@@ -65,16 +65,21 @@ class InterpolantSampler:
 
     def _run(self, sched: InterpolantScheduler, x, num_steps: int, generator=None, eps=None,
              return_trajectory: bool = False):
+        """The scheduler's plan on the sampling core (:func:`gen.sampling.denoise`), ``model_fn`` as the network."""
+        from gen.sampling import CallableAdapter, denoise
+
         sched.set_timesteps(num_steps)
         if eps is not None:
             sched.set_eps(eps)
         traj = [x]
-        for t in sched.timesteps:
-            out = sched.step(self._call(x, float(t)), t, x, generator=generator, x0=self.x0)
-            x = out.prev_sample
+
+        def record(k, t, x):
             if return_trajectory:
                 traj.append(x)
-        return (x, traj) if return_trajectory else x
+
+        out = denoise(CallableAdapter(lambda xx, t: self._call(xx, float(t))), sched, x, num_steps,
+                      step_kwargs={"generator": generator, "x0": self.x0}, on_step_end=record).sample
+        return (out, traj) if return_trajectory else out
 
     @torch.no_grad()
     def sample_ode(self, x: torch.Tensor, num_steps: int = 50, method: str = "heun", t_start: float | None = None,

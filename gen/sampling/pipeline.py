@@ -64,6 +64,15 @@ def check_generator(generator, batch: int | None = None, allow_list: bool = True
 
 
 # --- labels -----------------------------------------------------------------------------------------------------
+def check_conditioning_kind(kind: str, prompt=None, class_labels=None) -> None:
+    """``ValueError`` for prompts given to a class-conditional model or class labels given to a text model."""
+    if kind == "class" and prompt is not None:
+        raise ValueError("prompt given, but this is a class-conditional model: give class_labels (class indices"
+                         " or names), not prompt")
+    if kind == "text" and class_labels is not None:
+        raise ValueError("class_labels given, but this is a text-conditioned model: give prompt, not class_labels")
+
+
 def class_labels_tensor(class_labels, num_classes: int | None, batch_size=None, null_class: int | None = None,
                         class_names: list[str] | None = None):
     """``(labels [B] long or None, batch)`` from user input.
