@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +203,9 @@ class CheckpointManager:
                 tensors.update({f"{name}.ema.{k}": v for k, v in slot.ema.shadow.items()})
                 entry["ema_num_updates"] = slot.ema.num_updates
             state["models"][name] = entry
-        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
+        with warnings.catch_warnings():  # one process without a process group is the intended use too
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
     @staticmethod
     def _save_deepspeed(accelerator, folder: Path, slots: dict[str, Slot], state: dict) -> None:
@@ -329,7 +332,9 @@ class CheckpointManager:
             else:
                 ema_t = None
             templates[name] = (model_t, optim_state, ema_t)
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
         for name, slot in slots.items():
             entry = state["models"][name]
             model_t, optim_state, ema_t = templates[name]

@@ -50,11 +50,16 @@ from .engine import clip_grad_norm, describe_engine, is_sharded, materialize, me
 logger = logging.getLogger(__name__)
 
 
+def step_seed(seed: int, step: int, rank: int = 0, micro: int = 0) -> int:
+    """The seed of ``(seed, step, rank, micro-step)``."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) * 101 + micro
+
+
 def step_generator(seed: int, step: int, rank: int = 0, micro: int = 0, device="cpu") -> torch.Generator:
     """A generator seeded by ``(seed, step, rank, micro-step)``: data order and noise do not depend on history,
     so a resumed run draws exactly what an uninterrupted one would."""
     g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 101 + micro)
+    g.manual_seed(step_seed(seed, step, rank, micro))
     return g
 
 
@@ -349,6 +354,8 @@ class TrainLoop:
                    desc=obj.name or "train")
         t0 = time.time()
         while self.step < cfg.max_train_steps:
+            # the global RNG too (dropout, anything drawing without a generator) restarts from (seed, step, rank)
+            torch.manual_seed(step_seed(cfg.seed, self.step, acc.process_index, 100))
             gens = [step_generator(cfg.seed, self.step, acc.process_index, micro)
                     for micro in range(cfg.gradient_accumulation_steps)]
             ctx, logs = {}, {}

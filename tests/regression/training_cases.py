@@ -53,7 +53,8 @@ CASES = {
         "--gradient_accumulation_steps", "2", "--ema_decay", "0.9", "--lr_warmup_steps", "1"]),
     "classifier": ("classifier", lambda tmp: [
         "--config", "configs/digits_classifier.yaml", "--max_train_steps", "3", "--train_batch_size", "8",
-        "--channels", "4,8", "--feature_dim", "8", "--log_every", "1", "--lr_warmup_steps", "1"]),
+        "--channels", "4,8", "--feature_dim", "8", "--log_every", "1", "--lr_warmup_steps", "1",
+        "--checkpointing_steps", "2"]),
     "gbm": ("gbm", lambda tmp: [
         "--config", "configs/gbm_digits.yaml", *IMG, "--train_batch_size", "4", "--max_train_steps", "3"]),
     "interpolant_digits": ("interpolant", lambda tmp: [
@@ -64,7 +65,8 @@ CASES = {
         "--max_train_steps", "2"]),
     "interpolant_toy": ("interpolant", lambda tmp: [
         "--config", "configs/interpolant_8gaussians.yaml", "--max_train_steps", "3", "--mlp_hidden", "16",
-        "--mlp_depth", "1", "--train_batch_size", "8", "--log_every", "1", "--max_grad_norm", "1.0"]),
+        "--mlp_depth", "1", "--train_batch_size", "8", "--log_every", "1", "--max_grad_norm", "1.0",
+        "--checkpointing_steps", "2"]),
     "fdistill_digits": ("fdistill", lambda tmp: [
         "--config", "configs/fdistill_digits.yaml", "--teacher", _tiny_teacher(tmp / "teacher"),
         "--train_batch_size", "4", "--log_every", "1", "--student_update_freq", "2", "--checkpointing_steps", "2",
@@ -103,9 +105,19 @@ def weights_digest(out: Path) -> dict:
     return {"sha256": h.hexdigest(), "sums": sums}
 
 
-def run_case(name: str) -> dict:
-    """``{"losses": [{key: value} per logged step], "weights": weights_digest}`` of one case."""
+class Killed(Exception):
+    """Raised in place of a kill, right after a checkpoint was written."""
+
+
+def run_case(name: str, kill_at: int | None = None) -> dict:
+    """``{"losses": [{key: value} per logged step], "weights": weights_digest}`` of one case.
+
+    With ``kill_at``, the run dies right after writing ``checkpoint-<kill_at>`` and is started again with
+    ``--resume latest``: the result must equal the uninterrupted run's.
+    """
     import os
+
+    from gen.training import TrainLoop
 
     trainer, argv = CASES[name]
     cwd = os.getcwd()
@@ -113,7 +125,26 @@ def run_case(name: str) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            out = run_trainer(trainer, [*argv(tmp), "--output_dir", str(tmp / "run")])
+            args = [*argv(tmp), "--output_dir", str(tmp / "run")]
+            if kill_at is not None:
+                save = TrainLoop.save
+
+                def save_then_die(self):
+                    path = save(self)
+                    if self.step == kill_at:
+                        raise Killed(path)
+                    return path
+
+                TrainLoop.save = save_then_die
+                try:
+                    run_trainer(trainer, args)
+                    raise AssertionError(f"{name}: the run was not killed at step {kill_at}")
+                except Killed:
+                    pass
+                finally:
+                    TrainLoop.save = save
+                args += ["--resume", "latest"]
+            out = run_trainer(trainer, args)
             logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
             losses = [{"step": r["step"], **{k: r[k] for k in LOSS_KEYS if k in r}} for r in logs]
             return {"losses": losses, "weights": weights_digest(out)}
