@@ -25,6 +25,7 @@ load, so resuming one needs ``trust_deepspeed_checkpoint``; it does not reshard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -101,6 +102,24 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_files(path, state: dict) -> None:
+    """Check every file a checkpoint's ``state.json`` lists against its sha256 (safetensors has no checksum of its
+    data: flipped bytes would load as wrong weights)."""
+    path = Path(path)
+    for name, digest in state.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"cannot resume from {str(path)!r}: {name} is missing")
+        if _sha256(f) != digest:
+            raise ValueError(f"cannot resume from {str(path)!r}: {name} is corrupt (its sha256 differs from the one "
+                             "recorded when it was written)")
+
+
 def _json_safe(value):
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -164,6 +183,7 @@ class CheckpointManager:
             extra_files(tmp if accelerator.is_main_process else None)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            state["files"] = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
             atomic_write_text(tmp / STATE_FILE, json.dumps(_json_safe(state), indent=1))
             if final.exists():  # the same step saved again (a resumed run re-reaching its end)
                 old = self.root / f"checkpoint-{step}.tmp-old"
@@ -276,17 +296,20 @@ class CheckpointManager:
         if sorted(state["models"]) != sorted(slots):
             raise ValueError(f"cannot resume from {str(path)!r}: it holds models {sorted(state['models'])} but this "
                              f"run trains {sorted(slots)}")
+        verify_files(path, state)
         if state["format"] == FORMAT_DEEPSPEED:
             return CheckpointManager._load_deepspeed(path, accelerator, slots, state, trust_deepspeed)
         if state["format"] != FORMAT_DCP:
             raise ValueError(f"cannot resume from {str(path)!r}: unknown checkpoint format {state['format']!r}")
         if not any(path.glob("*.safetensors")):
             raise ValueError(f"cannot resume from {str(path)!r}: it has no .safetensors shards")
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             CheckpointManager._load_dcp(path, slots, state)
         except ValueError:
             raise
-        except Exception as err:  # corrupt or missing shards, mismatched shapes: name the checkpoint, keep the cause
+        except (Exception, CheckpointException) as err:  # corrupt or missing shards, mismatched shapes: name the checkpoint, keep the cause
             raise ValueError(f"cannot resume from {str(path)!r} (a shard is missing or corrupt, or the checkpoint "
                              f"is of another model): {type(err).__name__}: {str(err)[:500]}") from err
 
