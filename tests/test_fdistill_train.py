@@ -14,7 +14,7 @@ from accelerate import debug_launcher
 from diffusers import DDIMScheduler
 
 from gen.models.unet import tiny_unet
-from gen.training import list_checkpoints
+from gen.training import list_checkpoints, train
 from pipelines import ClassConditionalPipeline, OneStepPipeline
 from tests.conftest import load_script
 
@@ -31,7 +31,7 @@ def _tiny_teacher(tmp_path) -> str:
 
 
 def _run(*args):
-    return load_script("train/fdistill.py").main(["--config", "configs/fdistill_digits.yaml", *FAST, *args])
+    return train("fdistill", ["--config", "configs/fdistill_digits.yaml", *FAST, *args])
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +58,8 @@ def test_digits_smoke_saves_a_one_step_pipeline_and_resumes(tmp_path):
 def test_toy_smoke(tmp_path):
     from gen.models.mlp import TimeMLP
 
-    out = load_script("train/fdistill.py").main(
-        ["--config", "configs/fdistill_toy2d.yaml", "--output_dir", str(tmp_path / "toy"), "--max_train_steps", "4",
+    out = train(
+        "fdistill", ["--config", "configs/fdistill_toy2d.yaml", "--output_dir", str(tmp_path / "toy"), "--max_train_steps", "4",
          "--fake_init_steps", "2", "--train_batch_size", "16", "--checkpointing_steps", "2", "--divergence", "kl"])
     gen = TimeMLP.from_pretrained(out / "generator")
     assert gen(torch.randn(5, 2), torch.full((5,), 999.0)).shape == (5, 2)
