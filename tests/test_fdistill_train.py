@@ -59,8 +59,9 @@ def test_toy_smoke(tmp_path):
     from gen.models.mlp import TimeMLP
 
     out = train(
-        "fdistill", ["--config", "configs/fdistill_toy2d.yaml", "--output_dir", str(tmp_path / "toy"), "--max_train_steps", "4",
-         "--fake_init_steps", "2", "--train_batch_size", "16", "--checkpointing_steps", "2", "--divergence", "kl"])
+        "fdistill", ["--config", "configs/fdistill_toy2d.yaml", "--output_dir", str(tmp_path / "toy"),
+                     "--max_train_steps", "4", "--fake_init_steps", "2", "--train_batch_size", "16",
+                     "--checkpointing_steps", "2", "--divergence", "kl"])
     gen = TimeMLP.from_pretrained(out / "generator")
     assert gen(torch.randn(5, 2), torch.full((5,), 999.0)).shape == (5, 2)
     assert json.loads((out / "generator" / "one_step.json").read_text())["generator_prediction"] == "sample"

@@ -109,15 +109,15 @@ TINY = ["--unet_preset", "tiny", "--train_batch_size", "4", "--log_every", "1", 
 
 def test_train_toy_and_bridge_smoke(tmp_path):
     from gen.models import TimeMLP
-
     from gen.training import config_class, parse_config, train
 
-    out = train("interpolant", ["--config", "configs/interpolant_checkerboard.yaml", "--output_dir", str(tmp_path / "toy"),
-                      "--max_train_steps", "3", "--mlp_hidden", "16", "--mlp_depth", "1", "--train_batch_size", "8"])
+    out = train("interpolant", ["--config", "configs/interpolant_checkerboard.yaml", "--output_dir",
+                                str(tmp_path / "toy"), "--max_train_steps", "3", "--mlp_hidden", "16", "--mlp_depth",
+                                "1", "--train_batch_size", "8"])
     assert TimeMLP.from_pretrained(out / "model").config.hidden == 16
     assert InterpolantScheduler.from_pretrained(out / "scheduler").config.num_train_timesteps == 1.0
-    out = train("interpolant", ["--config", "configs/interpolant_bridge_digits.yaml", "--output_dir", str(tmp_path / "bridge"),
-                      *TINY])
+    out = train("interpolant", ["--config", "configs/interpolant_bridge_digits.yaml", "--output_dir",
+                                str(tmp_path / "bridge"), *TINY])
     pipe = InterpolantPipeline.from_pretrained(out)
     assert pipe.is_bridge and pipe.config.base_noise_std == 0.3
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]

@@ -74,7 +74,8 @@ def test_config_errors_name_the_key(tmp_path):
 def test_folder_resolution_the_unet_cannot_divide_is_a_config_error(tmp_path):
     cls = config_class("diffusion")
     base = ["--dataset", "folder", "--data_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match=r"resolution=18 does not divide by 4, which unet_preset='digits' needs.*16 or 20"):
+    with pytest.raises(ValueError, match=r"resolution=18 does not divide by 4, which unet_preset='digits' needs"
+                                         r".*16 or 20"):
         parse_config(cls, base + ["--resolution", "18"])
     with pytest.raises(ValueError, match="unet_preset=tiny supports 1-channel images only"):
         parse_config(cls, base + ["--unet_preset", "tiny", "--channels", "3"])
@@ -98,7 +99,8 @@ def test_train_smoke_saves_a_loadable_pipeline_and_a_pickle_free_checkpoint(tmp_
     ckpt = out / "checkpoints" / "checkpoint-3"
     assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json"}
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 3 and state["format"] == "dcp-safetensors" and state["models"]["unet"]["ema_num_updates"] == 3
+    assert state["step"] == 3 and state["format"] == "dcp-safetensors"
+    assert state["models"]["unet"]["ema_num_updates"] == 3
     assert state["fingerprint"]["objective"] == "diffusion"
     pipe = ClassConditionalPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -152,7 +154,8 @@ def test_deepspeed_checkpoint_needs_the_trust_flag(tmp_path):
     state_file = out / "checkpoints" / "checkpoint-1" / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "format": "deepspeed"}))
-    with pytest.raises(ValueError, match=r"is a DeepSpeed checkpoint; its format unpickles.*--trust_deepspeed_checkpoint"):
+    with pytest.raises(ValueError, match=r"is a DeepSpeed checkpoint; its format unpickles.*"
+                                         r"--trust_deepspeed_checkpoint"):
         _train(out, "--max_train_steps", "2", "--resume", "latest")
     with pytest.raises(ValueError, match=r"on 1 process\(es\): it was written by 4 and DeepSpeed's format does not "
                                          "reshard"):

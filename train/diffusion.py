@@ -12,7 +12,6 @@ from gen.cli import run_main
 from gen.training import train
 
 
-
 def main(argv=None):
     return train("diffusion", argv)
 

@@ -28,8 +28,16 @@ import torch.nn.functional as F
 from gen.training import Objective, Phase, TrainConfig, Trained, check_choice
 
 from .divergences import get_divergence
-from .fdistill import Critic, DiscriminatorHead, FDistill, FDistillSettings, FeatureTap, RatioBins, call_net, \
-    one_step_generate
+from .fdistill import (
+    Critic,
+    DiscriminatorHead,
+    FDistill,
+    FDistillSettings,
+    FeatureTap,
+    RatioBins,
+    call_net,
+    one_step_generate,
+)
 
 logger = logging.getLogger(__name__)
 TOY_PREFIX = "toy:"

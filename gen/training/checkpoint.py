@@ -309,7 +309,7 @@ class CheckpointManager:
             CheckpointManager._load_dcp(path, slots, state)
         except ValueError:
             raise
-        except (Exception, CheckpointException) as err:  # corrupt or missing shards, mismatched shapes: name the checkpoint, keep the cause
+        except (Exception, CheckpointException) as err:  # unreadable shards, mismatched shapes: name the checkpoint
             raise ValueError(f"cannot resume from {str(path)!r} (a shard is missing or corrupt, or the checkpoint "
                              f"is of another model): {type(err).__name__}: {str(err)[:500]}") from err
 

@@ -55,7 +55,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        check_positive(self, "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+        check_positive(self, "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                       "checkpointing_steps",
                   "checkpoints_total_limit", "log_every")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")

@@ -126,7 +126,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     total = torch.linalg.vector_norm(torch.stack(norms))
     for mesh, group in groups.items():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total if mesh is None else DTensor.from_local(total, mesh))
+        norm = total if mesh is None else DTensor.from_local(total, mesh)
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return total
 
 

@@ -304,7 +304,7 @@ class TrainLoop:
             p.requires_grad_(False)
         sums: dict = {}
         try:
-            for micro, gen in enumerate(gens):
+            for gen in gens:
                 with acc.accumulate(model):
                     loss, extra = phase.loss(self.step, gen, ctx)
                     if not torch.isfinite(loss):
