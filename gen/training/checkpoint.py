@@ -233,7 +233,7 @@ class CheckpointManager:
 
         for name, slot in slots.items():
             slot.model.save_checkpoint(str(folder / name), tag="state")  # collective; pickles (DeepSpeed's format)
-            entry = {}
+            entry = {"scheduler": slot.scheduler.state_dict()}
             if slot.ema is not None:
                 if accelerator.is_main_process:
                     save_file({k: v.detach().cpu().contiguous() for k, v in slot.ema.shadow.items()},
@@ -391,6 +391,7 @@ class CheckpointManager:
             if load_path is None:
                 raise ValueError(f"cannot resume from {str(path)!r}: DeepSpeed found no checkpoint in {str(folder)!r}")
             entry = state["models"][name]
+            slot.scheduler.load_state_dict(entry["scheduler"])  # DeepSpeed's own copy does not reach our scheduler
             if slot.ema is not None:
                 ema_file = path / f"{name}.ema.safetensors"
                 if not ema_file.is_file():

@@ -214,6 +214,16 @@ class TrainLoop:
         self.slots: dict[str, Slot] = {}
         self.params: dict[str, list] = {}
         n = accelerator.num_processes
+        if self.engine == "deepspeed":
+            if len(trained) > 1:
+                raise ValueError(f"{objective.name} trains {len(trained)} networks; DeepSpeed runs one engine per "
+                                 "process here: use DDP or FSDP2")
+            # the batch and clipping DeepSpeed needs from us ("auto" in the shipped configs)
+            ds = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+            if ds.get("gradient_clipping", "auto") == "auto":
+                ds["gradient_clipping"] = cfg.max_grad_norm
         for name, t in trained.items():
             params = [p for p in t.module.parameters() if p.requires_grad]
             if not params:
@@ -232,9 +242,6 @@ class TrainLoop:
             self.slots[name] = Slot(model, opt, sched, ema, t.save_frozen, trainable)
             self.params[name] = [p for p in model.parameters() if p.requires_grad]
             objective.models[name] = model
-        if self.engine == "deepspeed" and len(trained) > 1:
-            raise ValueError(f"{objective.name} trains {len(trained)} networks; DeepSpeed runs one engine per "
-                             "process here: use DDP or FSDP2")
         # 3. resume
         if self.resume_path is not None:
             self.ckpt.load(self.resume_path, accelerator, self.slots, self.resume_state,
