@@ -287,3 +287,24 @@ def test_classifier_script_smoke(tmp_path):
 
 def test_train_config_defaults_validate():
     TrainConfig().validate()
+
+
+def test_shipped_accelerate_configs_and_unknown_engine_keys(tmp_path):
+    from gen.training.engine import check_accelerate_config
+
+    names = sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert names == ["ddp.yaml", "fsdp2.yaml", "zero2.yaml", "zero3.yaml"]
+    cfgs = {n: check_accelerate_config(ROOT / "configs" / "accelerate" / n) for n in names}
+    assert cfgs["fsdp2.yaml"]["fsdp_config"]["fsdp_version"] == 2
+    assert [cfgs[n]["deepspeed_config"]["zero_stage"] for n in ("zero2.yaml", "zero3.yaml")] == [2, 3]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version",
+                                                                                        "fsdp_versoin"))
+    with pytest.raises(ValueError, match=r"unknown fsdp_config key 'fsdp_versoin' in .*bad.yaml.*'fsdp_version'"):
+        check_accelerate_config(bad)
+    bad.write_text("distributed_type: FSDP\nfsdp_configs: {}\n")
+    with pytest.raises(ValueError, match="is not a valid accelerate config.*unknown keys"):
+        check_accelerate_config(bad)
+    # engine settings in a trainer config point to accelerate launch
+    with pytest.raises(ValueError, match=r"unknown config key 'fsdp_version'.*chosen by accelerate launch"):
+        parse_config(config_class("diffusion"), ["--fsdp_version", "2"])

@@ -125,9 +125,16 @@ def check_choice(cfg, name: str, allowed) -> None:
         raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+ENGINE_KEYS = ("fsdp", "deepspeed", "zero", "use_fsdp", "use_deepspeed", "distributed_type", "num_processes",
+               "multi_gpu")
+
+
 def _unknown(key: str, known: list[str], where: str) -> ValueError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if key.lower().startswith(ENGINE_KEYS):
+        hint = (" (the engine is chosen by accelerate launch, not the trainer config: --use_fsdp --fsdp_version 2, "
+                "--use_deepspeed, or --config_file configs/accelerate/<ddp|fsdp2|zero2|zero3>.yaml)")
     return ValueError(f"unknown config key {key!r} in {where}{hint}; known keys: {', '.join(sorted(known))}")
 
 

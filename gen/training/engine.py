@@ -100,6 +100,40 @@ def check_engine(accelerator: Accelerator, env=None) -> str:
     return running
 
 
+def check_accelerate_config(path) -> dict:
+    """Read an ``accelerate launch --config_file`` YAML and reject keys Accelerate would ignore without a word.
+
+    Accelerate checks the top-level keys but passes ``fsdp_config`` / ``deepspeed_config`` entries on as launch
+    arguments, where a misspelt one (``fsdp_versoin: 2``) is silently dropped and the run falls back to defaults.
+
+    Raises:
+        ValueError: naming the file, the unknown key and close known ones.
+    """
+    import difflib
+    from pathlib import Path
+
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"accelerate config {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {a.dest for a in launch_command_parser()._actions}
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in data.get(section) or {}:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=2)
+                raise ValueError(f"unknown {section} key {key!r} in {str(path)!r}"
+                                 + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    try:
+        ClusterConfig.from_yaml_file(str(path))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} is not a valid accelerate config: {err}") from None
+    return data
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Clip the gradients of ``parameters`` by their global 2-norm over all ranks; returns the norm before clipping.
