@@ -308,3 +308,47 @@ def test_shipped_accelerate_configs_and_unknown_engine_keys(tmp_path):
     # engine settings in a trainer config point to accelerate launch
     with pytest.raises(ValueError, match=r"unknown config key 'fsdp_version'.*chosen by accelerate launch"):
         parse_config(config_class("diffusion"), ["--fsdp_version", "2"])
+
+
+_KILL9 = """
+import os, signal, sys
+from gen.training import checkpoint, train
+
+save = checkpoint.CheckpointManager._save_dcp
+
+def save_then_kill(folder, slots, state):
+    save(folder, slots, state)
+    if state["step"] == 4:  # the shards of checkpoint-4 are written, its state.json and the rename are not
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.CheckpointManager._save_dcp = staticmethod(save_then_kill)
+train("diffusion", sys.argv[1:])
+"""
+
+
+def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["--config", "configs/digits_teacher.yaml", *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--lr_scheduler", "cosine"]
+    straight = _train(tmp_path / "straight", *args[2:])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILL9, *args, "--output_dir", str(killed)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "checkpoints" / "checkpoint-4.tmp").is_dir()  # the half-written checkpoint
+    assert [s for s, _ in list_checkpoints(killed / "checkpoints")] == [2]  # the previous one is intact
+    assert [json.loads(x)["step"] for x in (killed / "logs.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    _train(killed, *args[2:], "--resume", "latest")
+    assert [s for s, _ in list_checkpoints(killed / "checkpoints")] == [2, 4]
+    assert not (killed / "checkpoints" / "checkpoint-4.tmp").exists()
+    logs = [json.loads(x) for x in (killed / "logs.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (straight / "logs.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in logs] == [(r["step"], r["loss"]) for r in want]
+    a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(killed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
