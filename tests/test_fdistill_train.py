@@ -225,3 +225,18 @@ def test_bf16_mixed_precision_runs(tmp_path):
     logs = [json.loads(x) for x in (out / "logs.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v) for r in logs for v in r.values() if isinstance(v, float))
     assert OneStepPipeline.from_pretrained(out).unet.dtype == torch.float32  # the saved student stays float32
+
+
+def test_toy_warm_up_leaves_no_gradient_behind():
+    """The fake score's DSM warm-up on the toy teacher must not leak its last gradients into the first critic
+    update (they did before the one loop; the f-distill toy regression case was re-recorded for it)."""
+    from gen.distill.training import fit_fake_to_teacher, toy_teacher
+    from gen.models.mlp import TimeMLP
+    from gen.training import config_class, parse_config
+
+    cfg = parse_config(config_class("fdistill"), ["--config", "configs/fdistill_toy2d.yaml", "--fake_init_steps", "2",
+                                                  "--train_batch_size", "8"])
+    teacher, sched = toy_teacher(cfg)
+    fake = TimeMLP(dim=2, hidden=8, depth=1)
+    fit_fake_to_teacher(fake, teacher, sched, cfg, "cpu")
+    assert all(p.grad is None for p in fake.parameters())

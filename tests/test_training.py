@@ -67,6 +67,8 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config(cls, ["--seed"])
     with pytest.raises(ValueError, match=r"report_to='mlflow'; allowed: none, tensorboard, wandb, all"):
         parse_config(cls, ["--report_to", "mlflow"])
+    with pytest.raises(ValueError, match="resume and overwrite_output_dir contradict"):
+        parse_config(cls, ["--resume", "latest", "--overwrite_output_dir", "true"])
     with pytest.raises(ValueError, match="unknown trainer 'difusion'"):
         train("difusion", [])
 
@@ -352,3 +354,13 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path):
     a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(killed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_train_overhead_smoke(tmp_path):
+    from tests.conftest import load_script
+
+    res = load_script("eval/bench_train.py").main(["--only", "overhead", "--steps", "2", "--block", "1", "--batch",
+                                                   "2", "--out", str(tmp_path)])
+    o = res["overhead"]
+    assert o["steps_each"] == 2 and o["loop_median_s"] > 0 and o["bare_median_s"] > 0
+    assert "| loop | bare PyTorch |" in (tmp_path / "rows.md").read_text()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gen.training import Objective, TrainConfig, Trained, check_choice
+from gen.training import Objective, TrainConfig, Trained, atomic_write_text, check_choice
 
 from .lora import add_lora, lora_metadata, lora_state_dict, save_lora
 from .rewards import build_reward, reward_names
@@ -370,7 +370,7 @@ class AlignPropObjective(Objective):
             lines = []
         else:  # a resumed run redoes evaluations after its checkpoint
             lines = [x for x in (out / "eval.jsonl").read_text().splitlines() if json.loads(x)["step"] < at_step]
-        (out / "eval.jsonl").write_text("".join(x + "\n" for x in [*lines, json.dumps(res)]))
+        atomic_write_text(out / "eval.jsonl", "".join(x + "\n" for x in [*lines, json.dumps(res)]))
         logger.info("eval step %d: %s", at_step,
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()})
         acc.wait_for_everyone()

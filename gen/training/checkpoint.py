@@ -86,8 +86,9 @@ class Slot:
 
 
 def _canonical(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        name = name.replace(prefix, "")
+    """A parameter or buffer name without the wrappers' leading ``module.`` (DDP) / ``_orig_mod.`` (compile)."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
     return name
 
 

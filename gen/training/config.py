@@ -67,6 +67,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("max_grad_norm, lr_warmup_steps and weight_decay must be >= 0")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir contradict each other: resume continues the run in "
+                             "output_dir, overwrite_output_dir starts a fresh one there")
 
 
 @dataclasses.dataclass

@@ -371,8 +371,9 @@ class TrainLoop:
                     self._update(phase, gens, ctx, logs)
             self.step += 1
             bar.update(1)
-            first = next(iter(logs))
-            bar.set_postfix({first: f"{logs[first]:.4f}"})
+            if logs:
+                first = next(iter(logs))
+                bar.set_postfix({first: f"{logs[first]:.4f}"})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_train_steps:
                 self._log({"step": self.step, "lr": self.slots[self.phases[0].model].scheduler.get_last_lr()[0],
                            "elapsed_s": round(time.time() - t0, 2), **logs})
