@@ -160,7 +160,7 @@ def _fdistill_args(teacher, out):
     return ["--config", "configs/fdistill_digits.yaml", "--teacher", teacher, "--output_dir", out,
             "--train_batch_size", "4", "--log_every", "1", "--student_update_freq", "2", "--checkpointing_steps",
             "10", "--disc_hidden", "16", "--ema_decay", "0.9", "--max_train_steps", "10", "--lora_rank", "2",
-            "--lora_targets", "conv1,conv2", "--max_grad_norm", "0.01"]
+            "--lora_targets", "conv1,conv2", "--max_grad_norm", "0.004"]
 
 
 def _fdistill_worker(teacher, root):
@@ -192,12 +192,12 @@ def test_fsdp2_fdistill_lora_ten_iterations(tmp_path):
         assert info == {"engine": "fsdp2", "num_processes": 2, "fsdp_modules": {"student": True, "critic": True}}
     ddp, fsdp = _logs(tmp_path / "ddp"), _logs(tmp_path / "fsdp")
     assert [r["step"] for r in fsdp] == list(range(1, 11))
-    for a, b in zip(ddp, fsdp):  # per-network global norms (clipped at 0.01) and losses: as under DDP
+    for a, b in zip(ddp, fsdp):  # per-network global norms (clipped at 0.004) and losses: as under DDP
         for key in ("loss_dsm", "loss_d", "grad_norm_critic", "loss_dm", "grad_norm_student"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     student_norms = [r["grad_norm_student"] for r in fsdp if "grad_norm_student" in r]
-    assert len(student_norms) == 5 and max(student_norms) > 0.01 and min(r["grad_norm_critic"] for r in fsdp) > 0.01
+    assert len(student_norms) == 5 and max(student_norms) > 0.004 and min(r["grad_norm_critic"] for r in fsdp) > 0.004
     # the frozen bases: every non-LoRA weight of student and fake score equals the teacher's
     from pipelines import ClassConditionalPipeline
 
