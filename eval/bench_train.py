@@ -69,9 +69,9 @@ def overhead(args) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     cfg = parse_config(DiffusionObjective.config_class, [
         "--config", str(ROOT / "configs/digits_teacher.yaml"), "--output_dir", str(out / "run"),
-        "--max_train_steps", str(args.steps + args.block), "--train_batch_size", str(args.batch),
+        "--max_train_steps", str(args.steps + args.block + 1), "--train_batch_size", str(args.batch),
         "--checkpointing_steps", "100000", "--log_every", "100000", "--lr_warmup_steps", "10"])
-    loop_times, bare_times = [], []
+    loop_times, bare_times, ratios = [], [], []
 
     class Timed(DiffusionObjective):
         def build(self):
@@ -118,6 +118,8 @@ def overhead(args) -> dict:
 
         def on_step_end(self, step):
             now = time.perf_counter()
+            if step == cfg.max_train_steps:  # the last step also writes the final checkpoint: not timed
+                return
             if step > args.block:  # the first block warms up both
                 loop_times.append(now - self.last)
             if step % args.block == 0:
@@ -126,6 +128,9 @@ def overhead(args) -> dict:
                     self.bare()
                     if step > args.block:
                         bare_times.append(time.perf_counter() - t0)
+                if step > args.block:  # this block of loop steps against the bare block right after it
+                    k = args.block
+                    ratios.append(sum(loop_times[-k:]) / sum(bare_times[-k:]))
             self.last = time.perf_counter()
 
         def export(self, models, out_dir):
@@ -138,9 +143,13 @@ def overhead(args) -> dict:
            "steps_each": len(loop_times), "block": args.block, "loop_median_s": ml, "bare_median_s": mb,
            "loop_mean_s": statistics.mean(loop_times), "bare_mean_s": statistics.mean(bare_times),
            "overhead_median_pct": 100 * (ml / mb - 1),
-           "overhead_mean_pct": 100 * (statistics.mean(loop_times) / statistics.mean(bare_times) - 1)}
-    logger.info("loop %.4f s/step, bare %.4f s/step: overhead %.2f %% (median), %.2f %% (mean)", ml, mb,
-                res["overhead_median_pct"], res["overhead_mean_pct"])
+           "overhead_mean_pct": 100 * (statistics.mean(loop_times) / statistics.mean(bare_times) - 1),
+           "overhead_paired_blocks_pct": 100 * (statistics.median(ratios) - 1),
+           "paired_blocks_quartiles_pct": [100 * (q - 1) for q in statistics.quantiles(ratios, n=4)]
+           if len(ratios) > 1 else None, "blocks": len(ratios)}
+    logger.info("loop %.4f s/step, bare %.4f s/step: overhead %.2f %% (median), %.2f %% (mean), %.2f %% (median of "
+                "%d paired blocks)", ml, mb, res["overhead_median_pct"], res["overhead_mean_pct"],
+                res["overhead_paired_blocks_pct"], len(ratios))
     return res
 
 
@@ -260,10 +269,13 @@ def markdown(res: dict) -> str:
     lines = [f"Command: `{res['command']}`; machine: {res['machine']}; date: {res['date']}.", ""]
     if "overhead" in res:
         o = res["overhead"]
-        lines += ["| loop | bare PyTorch | overhead (median) | overhead (mean) | steps each | batch |",
-                  "|---|---|---|---|---|---|",
+        q = o["paired_blocks_quartiles_pct"] or [float("nan")] * 3
+        lines += ["| loop (median step) | bare PyTorch (median step) | overhead: medians | overhead: means | "
+                  "overhead: median of paired blocks [quartiles] | steps each | batch |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {o['loop_median_s'] * 1e3:.1f} ms | {o['bare_median_s'] * 1e3:.1f} ms | "
-                  f"{o['overhead_median_pct']:+.2f} % | {o['overhead_mean_pct']:+.2f} % | {o['steps_each']} | "
+                  f"{o['overhead_median_pct']:+.2f} % | {o['overhead_mean_pct']:+.2f} % | "
+                  f"{o['overhead_paired_blocks_pct']:+.2f} % [{q[0]:+.1f}, {q[2]:+.1f}] | {o['steps_each']} | "
                   f"{o['batch']} |", ""]
     if "engines_summary" in res:
         lines += ["| model | engine | step / rank (median) | peak RSS / rank | RSS after prepare | params on rank | "

@@ -362,5 +362,5 @@ def test_bench_train_overhead_smoke(tmp_path):
     res = load_script("eval/bench_train.py").main(["--only", "overhead", "--steps", "2", "--block", "1", "--batch",
                                                    "2", "--out", str(tmp_path)])
     o = res["overhead"]
-    assert o["steps_each"] == 2 and o["loop_median_s"] > 0 and o["bare_median_s"] > 0
-    assert "| loop | bare PyTorch |" in (tmp_path / "rows.md").read_text()
+    assert o["steps_each"] == 2 and o["loop_median_s"] > 0 and o["bare_median_s"] > 0 and o["blocks"] == 2
+    assert "| loop (median step) | bare PyTorch (median step) |" in (tmp_path / "rows.md").read_text()
