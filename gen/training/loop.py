@@ -262,8 +262,9 @@ class TrainLoop:
         if saved.get("objective") != here["objective"]:
             raise ValueError(f"{where}: it was written by the {saved.get('objective')!r} objective; this run is "
                              f"{here['objective']!r}")
-        diff = [f"{k}={saved['config'].get(k)!r} there, {v!r} here" for k, v in here["config"].items()
-                if json.loads(json.dumps(v)) != saved.get("config", {}).get(k)]
+        there = saved.get("config", {})
+        diff = [f"{k}={there.get(k)!r} there, {v!r} here" for k, v in here["config"].items()
+                if json.loads(json.dumps(v)) != there.get(k)]
         if diff:
             raise ValueError(f"{where}: it is from another model or setting ({'; '.join(diff)})")
 
