@@ -114,7 +114,7 @@ def overhead(args) -> dict:
                     if k in self.bare_ema:
                         self.bare_ema[k].lerp_(v.float(), 1 - d)
             self.bare_step += 1
-            return float(loss)
+            return float(loss.detach())
 
         def on_step_end(self, step):
             now = time.perf_counter()
