@@ -27,10 +27,6 @@ DIFF = ["--config", "configs/digits_teacher.yaml", "--unet_preset", "tiny", "--t
         "1", "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--max_train_steps", "4"]
 
 
-class _Killed(Exception):
-    pass
-
-
 def _ds_train(argv, stage):
     from gen.training import train
     from tests._deepspeed_shim import deepspeed_accelerator
@@ -43,6 +39,7 @@ def _worker(root):
     from accelerate.state import AcceleratorState
 
     from gen.training import TrainLoop, running_engine, train
+    from tests.regression.training_cases import Killed, die_after_checkpoint
 
     AcceleratorState._reset_state(reset_partial_state=True)
     os.chdir(ROOT)
@@ -59,21 +56,11 @@ def _worker(root):
 
     TrainLoop.__init__ = record
     _ds_train([*DIFF, "--ema_decay", "0.9", "--output_dir", str(root / "z2")], 2)
-    save = TrainLoop.save
-
-    def save_then_die(self):
-        path = save(self)
-        if self.step == 2:
-            raise _Killed
-        return path
-
-    TrainLoop.save = save_then_die
     try:
-        _ds_train([*DIFF, "--ema_decay", "0.9", "--output_dir", str(root / "z2k")], 2)
-    except _Killed:
+        with die_after_checkpoint(2):
+            _ds_train([*DIFF, "--ema_decay", "0.9", "--output_dir", str(root / "z2k")], 2)
+    except Killed:
         pass
-    finally:
-        TrainLoop.save = save
     try:
         _ds_train([*DIFF, "--ema_decay", "0.9", "--output_dir", str(root / "z2k"), "--resume", "latest"], 2)
     except ValueError as err:

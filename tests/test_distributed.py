@@ -27,10 +27,6 @@ DIFF = ["--config", "configs/digits_teacher.yaml", "--unet_preset", "tiny", "--t
         "1", "--ema_decay", "0.9", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
 
 
-class _Killed(Exception):
-    pass
-
-
 def _logs(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "logs.jsonl").read_text().splitlines()]
 
@@ -67,8 +63,9 @@ def _reset():
 
 # ---------------------------------------------------------------------------------------------------------------
 def _diffusion_worker(root):
-    from gen.training import TrainLoop, train
+    from gen.training import train
     from tests._fsdp_shim import FSDP2_ENV
+    from tests.regression.training_cases import Killed, die_after_checkpoint
 
     _reset()
     root = Path(root)
@@ -85,21 +82,11 @@ def _diffusion_worker(root):
     if loop.acc.is_main_process:
         save_file({"x": x, "t": t, "y": y, "out": out.contiguous()}, str(root / "sharded_forward.safetensors"))
     # killed right after checkpoint-2, then resumed
-    save = TrainLoop.save
-
-    def save_then_die(self):
-        path = save(self)
-        if self.step == 2:
-            raise _Killed
-        return path
-
-    TrainLoop.save = save_then_die
     try:
-        _fsdp_loop("diffusion", [*DIFF, "--max_train_steps", "4", "--output_dir", str(root / "killed")])
-    except _Killed:
+        with die_after_checkpoint(2):
+            _fsdp_loop("diffusion", [*DIFF, "--max_train_steps", "4", "--output_dir", str(root / "killed")])
+    except Killed:
         pass
-    finally:
-        TrainLoop.save = save
     _fsdp_loop("diffusion", [*DIFF, "--max_train_steps", "4", "--output_dir", str(root / "killed"), "--resume",
                              "latest"])
     _fsdp_loop("diffusion", [*DIFF, "--max_train_steps", "2", "--output_dir", str(root / "two")])

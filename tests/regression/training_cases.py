@@ -12,6 +12,7 @@ and the reason goes into BENCHMARKS.md ("Training loop: intended changes").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -109,6 +110,26 @@ class Killed(Exception):
     """Raised in place of a kill, right after a checkpoint was written."""
 
 
+@contextlib.contextmanager
+def die_after_checkpoint(step: int):
+    """Inside this block a run raises :class:`Killed` right after writing ``checkpoint-<step>``."""
+    from gen.training import TrainLoop
+
+    save = TrainLoop.save
+
+    def save_then_die(self):
+        path = save(self)
+        if self.step == step:
+            raise Killed(path)
+        return path
+
+    TrainLoop.save = save_then_die
+    try:
+        yield
+    finally:
+        TrainLoop.save = save
+
+
 def run_case(name: str, kill_at: int | None = None) -> dict:
     """``{"losses": [{key: value} per logged step], "weights": weights_digest}`` of one case.
 
@@ -116,8 +137,6 @@ def run_case(name: str, kill_at: int | None = None) -> dict:
     ``--resume latest``: the result must equal the uninterrupted run's.
     """
     import os
-
-    from gen.training import TrainLoop
 
     trainer, argv = CASES[name]
     cwd = os.getcwd()
@@ -127,22 +146,12 @@ def run_case(name: str, kill_at: int | None = None) -> dict:
             tmp = Path(tmp)
             args = [*argv(tmp), "--output_dir", str(tmp / "run")]
             if kill_at is not None:
-                save = TrainLoop.save
-
-                def save_then_die(self):
-                    path = save(self)
-                    if self.step == kill_at:
-                        raise Killed(path)
-                    return path
-
-                TrainLoop.save = save_then_die
                 try:
-                    run_trainer(trainer, args)
+                    with die_after_checkpoint(kill_at):
+                        run_trainer(trainer, args)
                     raise AssertionError(f"{name}: the run was not killed at step {kill_at}")
                 except Killed:
                     pass
-                finally:
-                    TrainLoop.save = save
                 args += ["--resume", "latest"]
             out = run_trainer(trainer, args)
             logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
