@@ -20,6 +20,10 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deepspeed: needs deepspeed installed (skipped otherwise; not in CI)")
+
+
 def load_script(relpath: str):
     """Import a script such as ``train/diffusion.py`` as a module."""
     path = ROOT / relpath

@@ -24,7 +24,7 @@ from gen.reward import (
     sample_with_grad,
     save_lora,
 )
-from tests.conftest import load_script
+from gen.training import config_class, parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,8 +288,7 @@ def _tiny_args(tmp_path, out):
 def test_trainer_smoke_resume_and_lora_loads(tmp_path):
     from pipelines.lora import ClassConditionalLoraPipeline
 
-    mod = load_script("train/alignprop.py")
-    out = mod.main(_tiny_args(tmp_path, tmp_path / "run"))
+    out = train("alignprop", _tiny_args(tmp_path, tmp_path / "run"))
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2] and all(1 <= r["k"] <= 3 for r in logs)
@@ -300,22 +299,25 @@ def test_trainer_smoke_resume_and_lora_loads(tmp_path):
     trained = read_lora(out)[0]
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B moved away from 0
     # resume: two more steps from checkpoint-2
-    out2 = mod.main(_tiny_args(tmp_path, tmp_path / "run") + ["--max_train_steps", "4", "--resume", "latest"])
+    out2 = train("alignprop", _tiny_args(tmp_path, tmp_path / "run") + ["--max_train_steps", "4", "--resume", "latest"])
     assert [json.loads(r)["step"] for r in (out2 / "logs.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_trainer_steps_when_per_step_random_keeps_no_step(tmp_path):
     # the original/TRL quirk can detach every step (r = T for the last step); the step must still run
-    out = load_script("train/alignprop.py").main(_tiny_args(tmp_path, tmp_path / "none") + [
-        "--truncation", "per_step_random", "--cut_min", "3", "--cut_max", "3", "--max_train_steps", "1"])
+    out = train("alignprop", _tiny_args(tmp_path, tmp_path / "none") + [
+        "--truncation", "per_step_random", "--cut_min", "3", "--cut_max", "3", "--max_train_steps", "1",
+        "--eval_at_start", "false", "--eval_every", "0"])
     log = json.loads((out / "logs.jsonl").read_text().splitlines()[-1])
     assert log["k"] == 0 and log["grad_norm"] == 0.0
+    evals = [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert evals == [1]  # evaluation cost is configurable: only the final one here
 
 
 def test_trainer_stable_diffusion_tiny(tmp_path):
-    mod = load_script("train/alignprop.py")
     (tmp_path / "eval.txt").write_text("# held-out\na photo of a cat\n")
-    out = mod.main(["--config", str(ROOT / "configs/alignprop_digits.yaml"), "--model_type", "stable_diffusion",
+    out = train("alignprop", ["--config", str(ROOT / "configs/alignprop_digits.yaml"), "--model_type",
+                              "stable_diffusion",
                     "--pretrained_model", "tiny", "--prompts", "a cat,a dog", "--eval_prompts", "",
                     "--eval_prompt_file", str(tmp_path / "eval.txt"),
                     "--rewards", "contrast:1.0,saturation:0.5", "--num_inference_steps", "2", "--truncation",
@@ -338,14 +340,23 @@ def test_trainer_stable_diffusion_tiny(tmp_path):
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    mod = load_script("train/alignprop.py")
+    cls = config_class("alignprop")
     base = ["--config", str(ROOT / "configs/alignprop_digits.yaml")]
     with pytest.raises(ValueError, match="K=20 is larger than the number of sampling steps 10"):
-        mod.parse_config(mod.AlignPropConfig, base + ["--truncation", "fixed", "--backprop_k", "20"])
+        parse_config(cls, base + ["--truncation", "fixed", "--backprop_k", "20"])
     with pytest.raises(ValueError, match=r"unknown reward\(s\) \['aesthtic'\]; known rewards: aesthetic"):
-        mod.parse_config(mod.AlignPropConfig, base + ["--rewards", "aesthtic:1"])
+        parse_config(cls, base + ["--rewards", "aesthtic:1"])
+    with pytest.raises(ValueError, match=r"prompts: 'a cat' is not a class label"):
+        parse_config(cls, base + ["--prompts", "3,a cat"])
+    # labels out of the model's range are refused before any weights load: this folder has no weights at all
+    (tmp_path / "configonly" / "unet").mkdir(parents=True)
+    (tmp_path / "configonly" / "unet" / "config.json").write_text(
+        (Path(_tiny_teacher(tmp_path)) / "unet" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"eval_prompts: labels \[12\] out of range; allowed 0..9"):
+        train("alignprop", _tiny_args(tmp_path, tmp_path / "bad") + ["--pretrained_model", str(tmp_path / "configonly"),
+                                                                      "--eval_prompts", "1,12"])
     with pytest.raises(ValueError, match="LoRA target module 'to_qq' matches no"):
-        mod.main(_tiny_args(tmp_path, tmp_path / "bad") + ["--lora_target_modules", "to_qq"])
+        train("alignprop", _tiny_args(tmp_path, tmp_path / "bad") + ["--lora_target_modules", "to_qq"])
 
 
 def test_trainer_rejects_bad_reward_output(tmp_path):
@@ -358,10 +369,9 @@ def test_trainer_rejects_bad_reward_output(tmp_path):
             return images.mean(dim=(2, 3))  # [B, 1], not [B]
 
     try:
-        mod = load_script("train/alignprop.py")
         msg = r"reward '_test_bad_shape' returned shape \(6, 1\); expected \[6\] \(one per image\)"
         with pytest.raises(ValueError, match=msg):
-            mod.main(_tiny_args(tmp_path, tmp_path / "bad") + ["--rewards", "_test_bad_shape:1"])
+            train("alignprop", _tiny_args(tmp_path, tmp_path / "bad") + ["--rewards", "_test_bad_shape:1"])
     finally:
         REWARDS.pop("_test_bad_shape")
 
@@ -372,7 +382,7 @@ def _two_rank_worker(tmp, out):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    load_script("train/alignprop.py").main(_tiny_args(Path(tmp), out))
+    train("alignprop", _tiny_args(Path(tmp), out))
     state = PartialState()
     Path(out, f"rank{state.process_index}.json").write_text(json.dumps({"num_processes": state.num_processes}))
 

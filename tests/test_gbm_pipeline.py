@@ -97,8 +97,9 @@ def test_bad_arguments():
 
 
 def test_train_script_smoke_and_config_errors(tmp_path):
-    mod = load_script("train/gbm.py")
-    out = mod.main(["--config", "configs/gbm_digits.yaml", "--output_dir", str(tmp_path / "run"), "--unet_preset",
+    from gen.training import config_class, train
+
+    out = train("gbm", ["--config", "configs/gbm_digits.yaml", "--output_dir", str(tmp_path / "run"), "--unet_preset",
                     "tiny", "--max_train_steps", "3", "--train_batch_size", "8", "--checkpointing_steps", "2"])
     pipe = GBMPipeline.from_pretrained(out)
     s = pipe.scheduler.config
@@ -114,13 +115,13 @@ def test_train_script_smoke_and_config_errors(tmp_path):
     assert got == {("ddim", 2), ("ddim", 3), ("dls", 3), ("ums", 3), ("ddim-additive", 2), ("ddpm-additive", 2)}
     assert all(r["n"] == 20 and r["fid"] > 0 for r in res["rows"])
     assert (tmp_path / "eval" / "rows.md").read_text().count("| GBM |") == 4
-    cfg_cls = mod.GBMTrainConfig
+    cfg_cls = config_class("gbm")
     from gen.training import parse_config
 
     with pytest.raises(ValueError, match="sigma_max must be a finite number > 0"):
         parse_config(cfg_cls, ["--config", "configs/gbm_digits.yaml", "--sigma_max", "0"])
     with pytest.raises(ValueError, match="non-positive"):
-        mod.main(["--config", "configs/gbm_digits.yaml", "--output_dir", str(tmp_path / "bad"), "--unet_preset",
+        train("gbm", ["--config", "configs/gbm_digits.yaml", "--output_dir", str(tmp_path / "bad"), "--unet_preset",
                   "tiny", "--max_train_steps", "1", "--positivity", "false"])
     with pytest.raises(ValueError, match="sigma_scheduel"):
         parse_config(cfg_cls, ["--config", "configs/gbm_digits.yaml", "--sigma_scheduel", "constant"])

@@ -109,22 +109,23 @@ TINY = ["--unet_preset", "tiny", "--train_batch_size", "4", "--log_every", "1", 
 
 def test_train_toy_and_bridge_smoke(tmp_path):
     from gen.models import TimeMLP
+    from gen.training import config_class, parse_config, train
 
-    train = load_script("train/interpolant.py")
-    out = train.main(["--config", "configs/interpolant_checkerboard.yaml", "--output_dir", str(tmp_path / "toy"),
-                      "--max_train_steps", "3", "--mlp_hidden", "16", "--mlp_depth", "1", "--train_batch_size", "8"])
+    out = train("interpolant", ["--config", "configs/interpolant_checkerboard.yaml", "--output_dir",
+                                str(tmp_path / "toy"), "--max_train_steps", "3", "--mlp_hidden", "16", "--mlp_depth",
+                                "1", "--train_batch_size", "8"])
     assert TimeMLP.from_pretrained(out / "model").config.hidden == 16
     assert InterpolantScheduler.from_pretrained(out / "scheduler").config.num_train_timesteps == 1.0
-    out = train.main(["--config", "configs/interpolant_bridge_digits.yaml", "--output_dir", str(tmp_path / "bridge"),
-                      *TINY])
+    out = train("interpolant", ["--config", "configs/interpolant_bridge_digits.yaml", "--output_dir",
+                                str(tmp_path / "bridge"), *TINY])
     pipe = InterpolantPipeline.from_pretrained(out)
     assert pipe.is_bridge and pipe.config.base_noise_std == 0.3
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] > 0 for r in logs)
     with pytest.raises(ValueError, match="mode=bridge needs kind=two_sided"):
-        train.parse_config(train.InterpolantTrainConfig, ["--mode", "bridge"])
+        parse_config(config_class("interpolant"), ["--mode", "bridge"])
     with pytest.raises(ValueError, match="weighting='velocity'"):
-        train.parse_config(train.InterpolantTrainConfig, ["--weighting", "velocity"])
+        parse_config(config_class("interpolant"), ["--weighting", "velocity"])
 
 
 def _two_rank_worker(out_dir):
@@ -132,8 +133,9 @@ def _two_rank_worker(out_dir):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from a pytest process that already had one
-    load_script("train/interpolant.py").main(["--config", "configs/interpolant_digits.yaml", "--output_dir", out_dir,
-                                              *TINY])
+    from gen.training import train
+
+    train("interpolant", ["--config", "configs/interpolant_digits.yaml", "--output_dir", out_dir, *TINY])
     state = PartialState()
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps({"num_processes": state.num_processes}))
 

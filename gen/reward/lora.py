@@ -202,7 +202,7 @@ def mix_lora(path_a, path_b, c: float, out_folder, mode: str = "delta") -> Path:
 
 
 class LoraParameters(nn.Module):
-    """A module that owns (shares) the LoRA parameters of a UNet, so ``CheckpointManager`` saves only them.
+    """A module that owns (shares) the LoRA parameters of a UNet (an optimizer's parameter list in one module).
 
     Its state dict keys are the UNet's parameter names with ``.`` replaced by ``__``; loading it writes into the
     UNet's LoRA parameters in place.

@@ -43,20 +43,33 @@ class TrainConfig:
     checkpointing_steps: int = dataclasses.field(default=500, metadata={"help": "save a checkpoint every N steps"})
     checkpoints_total_limit: int = dataclasses.field(default=3, metadata={"help": "keep the last K checkpoints"})
     resume: str | None = dataclasses.field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False, metadata={"help": "start fresh in a non-empty output_dir: its contents move to "
+                                         "<output_dir>.old-<time> (nothing is deleted)"})
+    trust_deepspeed_checkpoint: bool = dataclasses.field(
+        default=False, metadata={"help": "allow resuming a DeepSpeed checkpoint (its format unpickles: only "
+                                         "checkpoints you wrote yourself)"})
     log_every: int = dataclasses.field(default=50, metadata={"help": "log loss every N steps"})
+    report_to: str = dataclasses.field(default="none",
+                                       metadata={"help": "Accelerate trackers: none | tensorboard | wandb | all"})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        _positive(self, "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+        check_positive(self, "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                       "checkpointing_steps",
                   "checkpoints_total_limit", "log_every")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
-        _choice(self, "mixed_precision", ("no", "fp16", "bf16"))
-        _choice(self, "lr_scheduler", ("constant", "constant_with_warmup", "cosine", "linear"))
+        check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
+        check_choice(self, "lr_scheduler", ("constant", "constant_with_warmup", "cosine", "linear"))
+        check_choice(self, "report_to", ("none", "tensorboard", "wandb", "all"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("max_grad_norm, lr_warmup_steps and weight_decay must be >= 0")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir contradict each other: resume continues the run in "
+                             "output_dir, overwrite_output_dir starts a fresh one there")
 
 
 @dataclasses.dataclass
@@ -73,28 +86,58 @@ class ImageTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        _choice(self, "dataset", ("digits16", "folder"))
-        _choice(self, "unet_preset", ("digits", "tiny"))
+        check_choice(self, "dataset", ("digits16", "folder"))
+        check_choice(self, "unet_preset", ("digits", "tiny"))
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset=folder needs data_dir")
+        if self.dataset == "folder":
+            check_unet_resolution(self.unet_preset, self.resolution, self.channels)
 
 
-def _positive(cfg, *names):
+def check_unet_resolution(preset: str, resolution: int, channels: int) -> None:
+    """Raise ``ValueError`` when the UNet ``preset`` cannot take ``channels`` x ``resolution`` x ``resolution``
+    images: each of its down blocks but the last halves the side, so the side must divide by 2^(blocks - 1)."""
+    import torch
+
+    from gen.models.unet import build_unet
+
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1; got {resolution}")
+    with torch.device("meta"):  # the architecture only: no memory, no weights
+        unet = build_unet(preset, None, channels, resolution)
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution % factor:
+        ok = [r for r in (resolution - resolution % factor, resolution - resolution % factor + factor) if r > 0]
+        raise ValueError(f"resolution={resolution} does not divide by {factor}, which unet_preset={preset!r} needs "
+                         f"({len(unet.config.block_out_channels)} down blocks); use e.g. "
+                         f"{' or '.join(map(str, ok))}")
+
+
+def check_positive(cfg, *names: str) -> None:
+    """Raise ``ValueError`` naming the first of ``names`` whose value on ``cfg`` is below 1."""
     for n in names:
         if getattr(cfg, n) < 1:
             raise ValueError(f"{n} must be >= 1; got {getattr(cfg, n)}")
 
 
-def _choice(cfg, name, allowed):
+def check_choice(cfg, name: str, allowed) -> None:
+    """Raise ``ValueError`` naming ``name`` and the allowed values when ``getattr(cfg, name)`` is not one of them."""
     if getattr(cfg, name) not in allowed:
         raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+ENGINE_KEYS = ("fsdp", "deepspeed", "zero", "use_fsdp", "use_deepspeed", "distributed_type", "num_processes",
+               "multi_gpu")
 
 
 def _unknown(key: str, known: list[str], where: str) -> ValueError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if key.lower().startswith(ENGINE_KEYS):
+        hint = (" (the engine is chosen by accelerate launch, not the trainer config: --use_fsdp --fsdp_version 2, "
+                "--use_deepspeed, or --config_file configs/accelerate/<ddp|fsdp2|zero2|zero3>.yaml)")
     return ValueError(f"unknown config key {key!r} in {where}{hint}; known keys: {', '.join(sorted(known))}")
 
 
