@@ -82,7 +82,7 @@ def test_bad_arguments():
     pipe = _pipe()
     with pytest.raises(ValueError, match="outside the training grid"):
         pipe(batch_size=1, num_inference_steps=1001)
-    with pytest.raises(ValueError, match="sampler must be one of"):
+    with pytest.raises(ValueError, match="sampler=.euler.; allowed: dls, ums, ddim"):
         pipe(batch_size=1, num_inference_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="non-positive"):
         pipe(batch_size=1, num_inference_steps=2, latents=-torch.ones(1, 1, 8, 8))
