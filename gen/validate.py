@@ -176,8 +176,9 @@ def tensor(name: str, value, *, ndim: int | Sequence[int] | None = None, shape: 
     if ndim is not None:
         dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.ndim not in dims:
-            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions; got shape "
-                             f"{tuple(value.shape)}")
+            text = f"{dims[0]} to {dims[-1]}" if len(dims) > 2 and dims == tuple(range(dims[0], dims[-1] + 1)) \
+                else " or ".join(map(str, dims))
+            raise ValueError(f"{name} must have {text} dimensions; got shape {tuple(value.shape)}")
     if shape is not None:
         want = tuple(shape)
         if value.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, value.shape)):

@@ -101,7 +101,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         schedule of the current one. Returns ``self``."""
         if isinstance(name, str) and name.lower() in SCHEDULERS:
             validate.scheduler_overrides(SCHEDULERS[name.lower()], overrides, name=f"use_scheduler({name!r})")
-        scheduler = make_scheduler(name, self.scheduler.config, **overrides)
+        where = f"use_scheduler({name!r}{''.join(f', {k}={v!r}' for k, v in overrides.items())})"
+        try:
+            scheduler = make_scheduler(name, self.scheduler.config, **overrides)
+            scheduler.set_timesteps(2)  # Diffusers checks some settings only here: fail now, not mid-sampling
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        except (TypeError, IndexError, KeyError, RuntimeError, ZeroDivisionError, NotImplementedError) as err:
+            raise ValueError(f"{where}: these settings do not give a working scheduler "
+                             f"({type(err).__name__}: {err})") from None
         self._check_scheduler(scheduler)
         self.scheduler = scheduler
         return self

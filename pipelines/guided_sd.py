@@ -99,6 +99,10 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         width = validate.divisible_size("width", width, f, default=self.unet.config.sample_size * f)
         num_images_per_prompt = validate.integer("num_images_per_prompt", num_images_per_prompt, 1)
         eta = check_eta(eta)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt (a string or a list of strings) or prompt_embeds; got neither")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
         if prompt is not None:
             prompt = validate.prompts("prompt", prompt)
         if negative_prompt is not None:

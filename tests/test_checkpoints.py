@@ -74,7 +74,7 @@ def test_a_pipeline_refuses_a_folder_of_another_pipeline():
                                (GBMPipeline, "digits-teacher", "ClassConditionalPipeline"),
                                (InterpolantPipeline, "digits-gbm", "GBMPipeline"),
                                (OneStepPipeline, "digits-teacher", "ClassConditionalPipeline")):
-        with pytest.raises(ValueError, match=f"is a {found} folder.*which {cls.__name__} does not load.*"
+        with pytest.raises(ValueError, match=f"was saved by {found} .*and {cls.__name__} does not load it.*"
                                              f"load it with pipelines.{found}"):
             cls.from_pretrained(CHECKPOINTS / folder)
 

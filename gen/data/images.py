@@ -9,6 +9,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gen import validate
+
+
+def _check_pixels(name: str, x: torch.Tensor, hi: float, convert: str) -> None:
+    """Refuse data in other units than the expected float range ``[lo, hi]``: values that are all >= 0 and reach
+    above 2 * hi are 8-bit pixels ([0, 255]); values a little outside the range are fine (they are clipped)."""
+    if x.numel() and float(x.min()) >= 0 and float(x.max()) > 2 * hi:
+        raise ValueError(f"{name} holds values up to {float(x.max()):.4g}: this looks like [0, 255] pixel data, not "
+                         f"float images in the expected range ({convert})")
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Quantises [-1, 1] images to 8-bit pixels, rounding half up.
@@ -18,7 +28,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     handled.
 
     Args:
-        x: float tensor of any shape, values in [-1, 1].
+        x: float tensor of any shape, values in [-1, 1] (outside: clipped).
 
     Returns:
         uint8 tensor of the same shape and device.
@@ -38,7 +48,8 @@ def make_grid(
     ``[rows * (H + padding) + padding, cols * (W + padding) + padding, 3]``. Unused cells keep ``pad_value``.
 
     Args:
-        images: float [N, C, H, W] in [-1, 1], C = 1 (expanded to grey RGB) or 3. N >= 1.
+        images: float [N, C, H, W] in [-1, 1] (values outside are clipped; NaN, integer pixels and [0, 255] data
+            are refused), C = 1 (expanded to grey RGB) or 3. N >= 1.
         nrow: Images per row, > 0.
         padding: Pixels between and around images, >= 0.
         pad_value: Border colour in the [-1, 1] scale (1.0 is white, -1.0 black).
@@ -46,8 +57,10 @@ def make_grid(
     Returns:
         uint8 numpy array [H_grid, W_grid, 3].
     """
+    images = validate.tensor("images", images)  # float, finite (numpy accepted); uint8 names the conversion
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N>=1, C in (1, 3), H, W], got {tuple(images.shape)}")
+    _check_pixels("images", images, 1.0, "[-1, 1]: use x.float() / 127.5 - 1")
     if not isinstance(nrow, int) or nrow <= 0:
         raise ValueError(f"nrow must be a positive int, got {nrow!r}")
     if not isinstance(padding, int) or padding < 0:
@@ -88,7 +101,11 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
         raise ValueError(f"images must have shape [N, H, W, C] with C in (1, 3), got {images.shape}")
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+            raise validate.ArgumentTypeError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+        if not np.isfinite(images).all():
+            raise ValueError("images contain NaN or inf values; expected float images in [0, 1]")
+        _check_pixels("images", torch.from_numpy(np.ascontiguousarray(images)), 1.0,
+                      "[0, 1]: pass uint8 pixels, or x / 255")
         images = np.clip(np.floor(images * 255.0 + 0.5), 0, 255).astype(np.uint8)
     if images.shape[-1] == 1:
         return [Image.fromarray(np.ascontiguousarray(image[:, :, 0])) for image in images]

@@ -103,6 +103,10 @@ class Guider(ConfigMixin):
         A missing, corrupt or foreign ``guider_config.json`` (another guider's settings for a specific class, invalid
         JSON, a non-object) is a ``ValueError`` naming the file."""
         where = Path(os.fspath(pretrained_model_name_or_path)) / (subfolder or "") / cls.config_name
+        from gen.sampling.loading import looks_local  # here: gen.sampling imports gen.guidance
+
+        if looks_local(os.fspath(pretrained_model_name_or_path)) and not where.parent.is_dir():
+            raise ValueError(f"guider folder {str(where.parent)!r} does not exist")
         try:
             config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
@@ -113,7 +117,7 @@ class Guider(ConfigMixin):
         if cls is not Guider and name != cls.__name__:
             raise ValueError(f"{str(where)!r} holds a {name} guider, not a {cls.__name__}; load it with "
                              f"{name}.from_pretrained or Guider.from_pretrained")
-        target = guider_class(name) if cls is Guider else cls
+        target = guider_class(name, f"_class_name in {str(where)!r}") if cls is Guider else cls
         try:
             return target.from_config(config)
         except TypeError as err:  # an unknown or missing setting
@@ -246,11 +250,11 @@ class Guider(ConfigMixin):
         return run["batch_size"]
 
 
-def guider_class(name: str) -> type[Guider]:
-    """The ``Guider`` subclass called ``name`` (class name, as stored in ``inner_class``)."""
+def guider_class(name: str, what: str = "inner_class") -> type[Guider]:
+    """The ``Guider`` subclass called ``name`` (class name, as stored in ``inner_class`` or ``_class_name``)."""
     if not isinstance(name, str) or name not in _GUIDER_CLASSES:
         raise ValueError(
-            f"inner_class={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}"
+            f"{what}={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}"
         )
     return _GUIDER_CLASSES[name]
 

@@ -10,7 +10,7 @@ Protocol (every operator; RED-Diff, DPS and the pipelines use nothing else):
   (``H H^+ H = H``), computed in closed form (SVD of separable factors, FFT diagonalisation, projections), with
   singular values below ``rcond * max`` dropped when ``rcond > 0``. Non-linear operators give the approximate
   inverse used by the RED-Diff reference code (``exact_pinv = False``). Operators without one raise
-  ``NotImplementedError``; ``has_pinv`` says which.
+  :class:`MissingPieceError` (a ``NotImplementedError`` that is also a ``ValueError``); ``has_pinv`` says which.
 - ``adjoint(y, x_shape)``: ``H^T y`` (linear operators only, ``linear = True``).
 - ``sigma_y``: the standard deviation of the Gaussian measurement noise (in the [-1, 1] units of the images);
   ``measure(x, generator)`` draws ``y = H(x) + sigma_y n``.
@@ -44,9 +44,15 @@ __all__ = [
     "PhaseRetrieval",
     "HDR",
     "Compose",
+    "MissingPieceError",
     "SeparableLinear",
     "motion_blur_kernel",
 ]
+
+
+class MissingPieceError(NotImplementedError, ValueError):
+    """An operator asked for a piece it does not have (``adjoint`` of a non-linear operator, a missing ``pinv``).
+    A ``NotImplementedError`` by the protocol, and a ``ValueError`` like every other bad request in `gen`."""
 
 
 def _size2(size) -> tuple[int, int]:
@@ -94,10 +100,10 @@ class Operator:
         return _shape4(x_shape)
 
     def adjoint(self, y: torch.Tensor, x_shape=None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is not linear: it has no adjoint")
+        raise MissingPieceError(f"{type(self).__name__} is not linear: it has no adjoint (see .linear)")
 
     def pinv(self, y: torch.Tensor, x_shape=None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no pseudo-inverse")
+        raise MissingPieceError(f"{type(self).__name__} has no pseudo-inverse (see .has_pinv; RED-Diff takes x_init=)")
 
     @property
     def has_pinv(self) -> bool:
@@ -669,7 +675,7 @@ class Compose(Operator):
 
     def adjoint(self, y, x_shape=None):
         if not self.linear:
-            raise NotImplementedError("Compose of non-linear operators has no adjoint")
+            raise MissingPieceError("Compose of non-linear operators has no adjoint (see .linear)")
         if x_shape is None:
             raise ValueError("Compose.adjoint needs x_shape (the image shape)")
         shapes = self._shapes(x_shape)

@@ -63,10 +63,12 @@ def check_pipeline_folder(path, accepted: tuple[str, ...] | None = None, pipelin
         raise ValueError(f"pipeline path {str(path)!r} is a file, not a pipeline folder")
     index = read_model_index(p)
     found = index.get("_class_name")
+    if not isinstance(found, str) or not found:
+        raise ValueError(f"{p / 'model_index.json'} has no _class_name (the pipeline class that saved the folder)")
     if accepted and found not in accepted:
-        hint = f"; load it with pipelines.{found}" if isinstance(found, str) and found[:1].isupper() else ""
-        raise ValueError(f"{str(path)!r} is a {found} folder (model_index.json _class_name), which "
-                         f"{pipeline or 'this pipeline'} does not load (it loads: {', '.join(accepted)}){hint}")
+        raise ValueError(f"{str(path)!r} was saved by {found} (model_index.json _class_name), and "
+                         f"{pipeline or 'this pipeline'} does not load it (it loads: {', '.join(accepted)}); "
+                         f"load it with pipelines.{found}")
     return index
 
 
@@ -109,6 +111,8 @@ def guarded_from_pretrained(load, path, **kwargs):
         verify_manifest(os.path.expanduser(str(path)), weights_only=True)
     try:
         pipe = load(path, **kwargs)
+    except ValueError:  # our own checks (component classes, schedulers) already name the problem
+        raise
     except (OSError, KeyError, RuntimeError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(f"could not load a pipeline from {str(path)!r}: {type(err).__name__}: {err}") from err
     check_finite_weights(pipe, path)

@@ -80,7 +80,7 @@ def check_noise_scheduler(scheduler, pipeline: str) -> None:
     own = {"GBMScheduler": "GBMPipeline", "InterpolantScheduler": "InterpolantPipeline"}
     name = type(scheduler).__name__
     if name in own or callable(getattr(scheduler, "prediction_space", None)):
-        hint = f" (a {own[name]} folder? load it with pipelines.{own[name]})" if name in own else ""
+        hint = f" (from a folder saved by {own[name]}? load it with pipelines.{own[name]})" if name in own else ""
         raise ArgumentTypeError(f"{pipeline} needs a Diffusers noise scheduler (DDIM, DDPM, DPM-Solver, Euler, "
                                 f"flow matching, ...); got {name}{hint}")
     flow = not hasattr(scheduler, "alphas_cumprod") and "shift" in getattr(scheduler, "config", {})
