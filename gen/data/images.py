@@ -140,3 +140,90 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def labelled_grid(
+    images: torch.Tensor,
+    nrow: int = 8,
+    title: str | None = None,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    upscale: int = 1,
+    padding: int = 2,
+    font_size: int = 13,
+) -> Image.Image:
+    """:func:`make_grid` as a PIL image with a title above, a label left of every row and above every column, so a
+    figure says what it shows without its log.
+
+    Args:
+        images: float [N, C, H, W] in [-1, 1] (see :func:`make_grid`).
+        nrow: images per row.
+        title: one line (or several, split on ``\\n``) above the grid.
+        row_labels: one label per grid row (``ceil(N / nrow)`` of them), drawn left of the row.
+        col_labels: one label per grid column (``min(nrow, N)``), drawn above the column.
+        upscale: integer nearest-neighbour magnification of the images (labels are drawn at full size).
+    Returns:
+        an RGB PIL image.
+    """
+    from PIL import ImageDraw
+
+    grid = make_grid(images, nrow=nrow, padding=padding)
+    n, _, height, width = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    for name, labels, want in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols)):
+        if labels is not None and (isinstance(labels, str) or len(labels) != want):
+            raise ValueError(f"{name} must be a list of {want} labels (one per grid {name[:3]}); got "
+                             f"{validate.describe(labels)}")
+    if not isinstance(upscale, int) or upscale < 1:
+        raise ValueError(f"upscale must be an int >= 1, got {upscale!r}")
+    body = Image.fromarray(grid)
+    if upscale > 1:
+        body = body.resize((body.width * upscale, body.height * upscale), resample=Image.Resampling.NEAREST)
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text):
+        box = probe.textbbox((0, 0), text, font=font)
+        return box[2] - box[0], box[3] - box[1]
+
+    line_h = size("Ag")[1] + 4
+    title_lines = [] if not title else str(title).split("\n")
+    left = 6 + max((size(str(t))[0] for t in row_labels), default=0) if row_labels else 0
+    top = 4 + line_h * len(title_lines) + (line_h if col_labels else 0)
+    canvas = Image.new("RGB", (max(body.width + left + 4, 4 + max((size(t)[0] for t in title_lines), default=0)),
+                               body.height + top + 4), "white")
+    canvas.paste(body, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + i * line_h), line, fill="black", font=font)
+    cell_w, cell_h = (width + padding) * upscale, (height + padding) * upscale
+    for j, label in enumerate(col_labels or []):
+        w_text = size(str(label))[0]
+        x = left + padding * upscale + j * cell_w + (width * upscale - w_text) // 2
+        draw.text((x, top - line_h), str(label), fill="black", font=font)
+    for i, label in enumerate(row_labels or []):
+        y = top + padding * upscale + i * cell_h + (height * upscale - line_h) // 2
+        draw.text((2, y), str(label), fill="black", font=font)
+    return canvas
+
+
+def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, title: str | None = None,
+                       row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+                       upscale: int = 1) -> Path:
+    """Write :func:`labelled_grid` as a PNG (parent folders are created); returns the path."""
+    image = labelled_grid(images, nrow=nrow, title=title, row_labels=row_labels, col_labels=col_labels,
+                          upscale=upscale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
