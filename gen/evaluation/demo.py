@@ -95,7 +95,7 @@ def section_guidance(out: Path, settings) -> dict:
     grid = torch.cat([cfg.images, apg.images]) * 2 - 1
     path = save_labelled_grid(grid, out / "guidance_cfg_vs_apg.png", nrow=10, upscale=4,
                               title=f"CFG (top {rows} rows) vs APG (bottom {rows} rows) at w={w:g}, {steps} DDIM "
-                                    "steps, the same noise in the same place\nAPG: eta={apg_kw['eta']}, momentum="
+                                    f"steps, the same noise in the same place\nAPG: eta={apg_kw['eta']}, momentum="
                                     f"{apg_kw['momentum']}, norm_threshold={apg_kw['norm_threshold']}",
                               row_labels=["CFG"] * rows + ["APG"] * rows, col_labels=[f"class {c}" for c in range(10)])
     sat = {name: saturation(x.images * 2 - 1) for name, x in (("cfg", cfg), ("apg", apg))}
