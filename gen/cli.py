@@ -20,7 +20,8 @@ def parse_settings(cls, argv=None, description: str | None = None, prog: str | N
     does): one option per field, its default and the ``help`` of the field's metadata shown by ``--help``.
 
     ``bool`` fields are flags (``--name`` / ``--no-name``), ``list[X]`` fields take one or more values
-    (``--steps 10 25``), ``X | None`` fields take an ``X``; ``choices`` in the metadata restrict the values.
+    (``--steps 10 25``, or the option repeated), ``X | None`` fields take an ``X``; ``choices`` in the metadata
+    restrict the values. An option not given keeps the dataclass default.
     The dataclass's ``__post_init__`` validates the result (a ``ValueError`` naming the field).
     """
     import argparse
@@ -46,8 +47,10 @@ def parse_settings(cls, argv=None, description: str | None = None, prog: str | N
         name = "--" + f.name
         if tp is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(name, nargs="+", type=typing.get_args(tp)[0], **kw)
+        elif typing.get_origin(tp) is list:  # --x a b and --x a --x b both give [a, b]; absent: the default
+            parser.add_argument(name, nargs="+", action="extend", type=typing.get_args(tp)[0],
+                                **{**kw, "default": None})
         else:
             parser.add_argument(name, type=tp, **kw)
-    return cls(**vars(parser.parse_args(argv)))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return cls(**given)
