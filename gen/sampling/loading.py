@@ -83,7 +83,7 @@ def weight_files(path, component: str) -> list[str]:
 def check_finite_module(module: torch.nn.Module, where: str) -> None:
     """``ValueError`` naming ``where`` (a file or component) and the first tensor with NaN or inf values."""
     for name, t in (*module.named_parameters(), *module.named_buffers()):
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{where}: {name} holds {bad} NaN/inf value(s) of {t.numel()}; the weights are corrupt "
                              "(restore or re-export the file)")
@@ -101,11 +101,13 @@ def check_finite_weights(pipe, path) -> None:
 
 def guarded_from_pretrained(load, path, **kwargs):
     """``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained`` bound to a pipeline class) with the checks
-    of this module. The class's ``_folder_classes`` (if it defines one) lists the ``model_index.json`` class names
-    it loads. Loading failures (corrupt or truncated weights, missing files, an unreachable hub) become a
+    of this module. The class's ``_folder_classes`` (if it has one, inherited or its own) lists the
+    ``model_index.json`` class names it loads, besides its own name. Loading failures (corrupt or truncated weights, missing files, an unreachable hub) become a
     ``ValueError`` naming ``path``."""
     cls = getattr(load, "__self__", None)
-    accepted = cls.__dict__.get("_folder_classes") if isinstance(cls, type) else None
+    accepted = getattr(cls, "_folder_classes", None) if isinstance(cls, type) else None
+    if accepted is not None and cls.__name__ not in accepted:  # a subclass loads its own folders too
+        accepted = (*accepted, cls.__name__)
     check_pipeline_folder(path, accepted, getattr(cls, "__name__", None))
     if looks_local(str(path)) and (Path(os.path.expanduser(str(path))) / MANIFEST_NAME).is_file():
         verify_manifest(os.path.expanduser(str(path)), weights_only=True)
