@@ -816,7 +816,7 @@ def all_cases() -> list[Case]:
 
 
 BEFORE = ("Before the validation layer (486 of these cases, all but the ClassConditionalLoraPipeline loader case, run "
-          "on commit 97deb1f, 2026-11-30): 304 clear, 98 silent, "
+          "on commit 97deb1f, 2026-11-29): 304 clear, 98 silent, "
           "84 raw. The ones still open are marked *pending* below with the part of the project that owns them.")
 
 
