@@ -102,8 +102,8 @@ def check_finite_weights(pipe, path) -> None:
 def guarded_from_pretrained(load, path, **kwargs):
     """``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained`` bound to a pipeline class) with the checks
     of this module. The class's ``_folder_classes`` (if it has one, inherited or its own) lists the
-    ``model_index.json`` class names it loads, besides its own name. Loading failures (corrupt or truncated weights, missing files, an unreachable hub) become a
-    ``ValueError`` naming ``path``."""
+    ``model_index.json`` class names it loads, besides its own name. Loading failures (corrupt or truncated weights,
+    missing files, an unreachable hub) become a ``ValueError`` naming ``path``."""
     cls = getattr(load, "__self__", None)
     accepted = getattr(cls, "_folder_classes", None) if isinstance(cls, type) else None
     if accepted is not None and cls.__name__ not in accepted:  # a subclass loads its own folders too
