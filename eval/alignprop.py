@@ -1,6 +1,6 @@
 """AlignProp benchmark: reward curve on held-out labels, memory and time against K, and TRL side by side.
 
-    python eval/alignprop.py --out eval/results/alignprop --run RUN_DIR     [--only curve|memory|trl]
+    python eval/alignprop.py --out outputs/alignprop --run RUN_DIR     [--only curve|memory|trl]
 
 Parts:
 1. ``curve``: the trainer's held-out evaluations (``RUN_DIR/eval.jsonl`` from ``train/alignprop.py``): mean reward
@@ -18,7 +18,8 @@ Parts:
    (``gen.models.tiny_sd.build_tiny_sd``), same T, K, batch, CFG, eta, LoRA (r=4, alpha=4, to_q/k/v/out.0),
    AdamW, clipping: seconds per step and the same memory measures, each in its own subprocess.
 
-Writes ``results.json``, ``reward_curve.png`` and ``rows.md`` under ``--out``.
+Writes ``results.json``, ``reward_curve.png`` and ``rows.md`` under ``--out`` (the curve part and the report are
+``gen.evaluation.alignprop``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from gen.evaluation import REPO_ROOT as ROOT
+from gen.evaluation import output_path
+from gen.evaluation.alignprop import part_curve, report
 
 logger = logging.getLogger("eval.alignprop")
 PARTS = ("curve", "memory", "trl")
@@ -121,12 +123,21 @@ def _measure_steps(step_fn, n_steps: int, device, modules=()) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # workers
 # ---------------------------------------------------------------------------------------------------------------
+def _trainer():
+    """``train/alignprop.py``'s pieces (config, model, backend, generate, loss). TEMPORARY: loaded by path until they
+    live in ``gen`` (``gen.reward.training`` on the train-loop branch); then import them from there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alignprop_trainer", ROOT / "train" / "alignprop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker_ours(spec: dict) -> dict:
     """One configuration of our trainer's step (digits teacher or a Stable Diffusion folder)."""
     from gen.reward import LoraParameters, add_lora, build_reward, check_reward, sample_with_grad  # noqa: F401
-    from tests.conftest import load_script  # a script loader that needs no test fixtures
-
-    alignprop = load_script("train/alignprop.py")
+    alignprop = _trainer()
     torch.manual_seed(0)
     args = ["--config", str(ROOT / spec["config"]), "--output_dir", "/tmp/unused", *spec.get("overrides", [])]
     cfg = alignprop.parse_config(alignprop.AlignPropConfig, args)
@@ -228,16 +239,6 @@ def run_worker(spec: dict, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # parts
 # ---------------------------------------------------------------------------------------------------------------
-def part_curve(args) -> dict:
-    run = Path(args.run)
-    evals = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines() if ln.strip()]
-    logs = [json.loads(ln) for ln in (run / "logs.jsonl").read_text().splitlines() if ln.strip()]
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    return {"run": str(run), "config": cfg, "evals": evals, "train_logs": logs}
-
-
 def part_memory(args) -> list[dict]:
     rows = []
     T = args.memory_steps
@@ -314,131 +315,10 @@ def part_trl(args) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------------------------
-def report(results: dict, out: Path) -> str:
-    lines = []
-    curve = results.get("curve")
-    if curve:
-        ev = curve["evals"]
-        base = ev[0]
-        lines += ["| step | held-out reward (log p(label)) | FID-digits vs test | FID-digits vs base model |"
-                  " class accuracy |", "|---|---|---|---|---|"]
-        for e in ev:
-            lines.append(f"| {e['step']} | {e['eval_reward']:.4f} | {e.get('fid_digits', float('nan')):.2f} | "
-                         f"{e.get('fid_vs_base', float('nan')):.2f} | {100 * e.get('class_accuracy', 0):.1f} % |")
-        lines.append(f"\nheld-out reward {base['eval_reward']:.4f} -> {ev[-1]['eval_reward']:.4f} "
-                     f"(step {ev[-1]['step']}); FID-digits {base.get('fid_digits', 0):.2f} -> "
-                     f"{ev[-1].get('fid_digits', 0):.2f}\n")
-    mem = results.get("memory")
-    if mem:
-        full = {r["checkpointing"]: r for r in mem if r["k"] == r["steps"]}
-        ref = full.get(False)
-        lines += ["| K | checkpointing | s / step | step peak RSS (MB) | x full backprop | autograd saved (MB) |"
-                  " process peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
-        for r in mem:
-            ratio = r.get("step_peak_rss_mb", 0) / ref["step_peak_rss_mb"] if ref and ref.get("step_peak_rss_mb") \
-                else float("nan")
-            name = f"{r['k']}{' (all)' if r['k'] == r['steps'] else ''}"
-            lines.append(f"| {name} | {'on' if r['checkpointing'] else 'off'}"
-                         f" | {r['s_per_step']:.3f} | {r.get('step_peak_rss_mb', float('nan')):.1f} | {ratio:.2f} | "
-                         f"{r['saved_tensor_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
-        lines.append("")
-    trl_rows = results.get("trl")
-    if trl_rows:
-        lines += ["| impl | K | T | batch | s / step | step peak RSS (MB) | autograd saved (MB) |"
-                  " process peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in trl_rows:
-            impl = {"trl": "TRL 0.23.1 AlignPropTrainer", "ours": "gen train/alignprop.py",
-                    "ours_nodec": "gen, decoder not checkpointed"}[r["impl"]]
-            lines.append(f"| {impl} | "
-                         f"{r['k']} | {r['steps']} | {r['batch']} | {r['s_per_step']:.3f} | "
-                         f"{r.get('step_peak_rss_mb', float('nan')):.1f} | {r['saved_tensor_mb']:.1f} | "
-                         f"{r['peak_rss_mb']:.0f} |")
-    md = "\n".join(lines) + "\n"
-    (out / "rows.md").write_text(md)
-    if curve:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return md
-        ev = curve["evals"]
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        steps = [e["step"] for e in ev]
-        held = ", ".join(map(str, curve["config"].get("eval_prompts", [])))
-        ax.plot(steps, [e["eval_reward"] for e in ev], "o-", color="C0", label=f"held-out reward (labels {held})")
-        logs = curve["train_logs"]
-        ax.set_xlabel("training step")
-        ax.set_ylabel("mean log p(label | x)  (higher is better)", color="C0")
-        ax2 = ax.twinx()
-        ax2.plot(steps, [e.get("fid_digits", float("nan")) for e in ev], "s--", color="C1", label="FID-digits vs test")
-        ax2.plot(steps, [e.get("fid_vs_base", float("nan")) for e in ev], "^:", color="C2",
-                 label="FID-digits vs base model")
-        ax2.set_ylabel("FID-digits", color="C1")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
-        ax.set_title(f"AlignProp on the digits teacher ({len(logs) and logs[-1]['step']} steps)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "reward_curve.png", dpi=120)
-        plt.close(fig)
-    return md
-
-
-def demo_section(out: Path, args) -> dict:
-    """`make demo`: held-out digits (labels 1, 2, 5) before and after the shipped AlignProp LoRA, same noise.
-
-    64 samples per label (10 DDIM steps, seed ``args.seed``); the mean digits-classifier log-probability of each
-    set; a grid of the 8 samples per label that the teacher does worst on (rows 1-3) next to the LoRA's samples
-    of the same noise (rows 4-6).
-    """
-    from gen.data.images import save_grid
-    from gen.reward import build_reward
-    from pipelines.lora import ClassConditionalLoraPipeline
-
-    t0 = time.time()
-    lora = ROOT / "checkpoints" / "digits-alignprop-lora"
-    pipe = ClassConditionalLoraPipeline.from_pretrained(ROOT / "checkpoints" / "digits-teacher")
-    pipe.set_progress_bar_config(disable=True)
-    held, per = [1, 2, 5], 64
-    labels = torch.tensor(held).repeat_interleave(per)
-    seed = getattr(args, "seed", 0)
-    reward = build_reward("digits_classifier:1.0")
-
-    def run():
-        img = pipe(class_labels=labels, num_inference_steps=10, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed)).images
-        with torch.no_grad():
-            return img, reward(img, labels.tolist())
-
-    before, r_before = run()
-    pipe.load_lora_weights(lora)
-    after, r_after = run()
-    worst = torch.cat([i * per + r_before[i * per:(i + 1) * per].argsort()[:8] for i in range(len(held))])
-    grid = torch.cat([before[worst], after[worst]]) * 2 - 1
-    path = save_grid(grid, out / "alignprop_before_after.png", nrow=8, upscale=4)
-    res = {"grid": str(path), "labels": held, "samples_per_label": per,
-           "reward_before": float(r_before.mean()), "reward_after": float(r_after.mean()),
-           "p_label_below_0.5_before": float((r_before.exp() < 0.5).float().mean()),
-           "p_label_below_0.5_after": float((r_after.exp() < 0.5).float().mean()), "lora": str(lora),
-           "wall_time_s": round(time.time() - t0, 1)}
-    logger.info("wrote %s (rows 1-3: the teacher's 8 lowest-reward samples per label 1, 2, 5; rows 4-6: the same noise "
-                "with the AlignProp LoRA; 10 DDIM steps). Mean log p(label) over %d samples: %.4f -> %.4f; "
-                "share with p(label) < 0.5: %.3f -> %.3f (%.1f s)", path, len(labels), res["reward_before"],
-                res["reward_after"], res["p_label_below_0.5_before"], res["p_label_below_0.5_after"],
-                res["wall_time_s"])
-    return res
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="eval/results/alignprop")
+    p.add_argument("--out", default="outputs/alignprop")
+    p.add_argument("--update_shipped", action="store_true", help="allow --out inside eval/results/ (shipped results)")
     p.add_argument("--run", default="checkpoints/digits-alignprop-lora/run", help="trainer output folder (curve)")
     p.add_argument("--only", choices=PARTS, action="append")
     p.add_argument("--report", action="store_true", help="only rebuild rows.md and the plot from results.json")
@@ -462,7 +342,7 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(res), flush=True)
         return res
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out)
+    out = output_path(args.out, args.update_shipped)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

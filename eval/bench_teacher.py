@@ -1,131 +1,26 @@
-"""Benchmark the shipped digits teacher and the pipeline's sampling overhead.
+"""Benchmark the shipped digits teacher and the pipeline's sampling overhead against Diffusers' DDIMPipeline.
 
     python eval/bench_teacher.py --out outputs/bench_teacher.json [--num_samples 1000] [--steps 10 25 50]
 
-1. FID-digits (against digits16-test) and class accuracy of N samples at each DDIM step count, unguided (w=1)
-   and guided (w=2), next to the floor: digits16-train against digits16-test.
-2. Overhead of ClassConditionalPipeline against Diffusers' DDIMPipeline on the same UNet and steps. DDIMPipeline
-   cannot pass class labels, so both run the unconditional variant of the teacher's architecture
-   (``digits_unet(num_class_embeds=None)``): identical network calls, only the loops differ.
-Writes JSON and prints markdown rows for BENCHMARKS.md.
+The work is done by ``gen.evaluation.bench_teacher``: writes JSON and prints markdown rows for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-logger = logging.getLogger("bench_teacher")
-
-
-def quality(args) -> list[dict]:
-    from gen.metrics.evaluate import compute_fid_for_images, load_dataset_uint8, sample_pipeline_uint8
-    from gen.metrics.features import build_feature_extractor
-    from pipelines import ClassConditionalPipeline
-
-    extractor = build_feature_extractor("digits")
-    rows = []
-    train_u8, train_labels = load_dataset_uint8("digits16-train")
-    floor = compute_fid_for_images(train_u8, train_labels, extractor=extractor, ref="test", progress=False)
-    rows.append({"source": "digits16-train (floor)", "steps": None, "guidance_scale": None, **floor})
-    logger.info("floor: FID-digits %.3f, accuracy %.4f (N=%d)", floor["fid"], floor["class_accuracy"], floor["n"])
-    pipe = ClassConditionalPipeline.from_pretrained(args.pipeline)
-    for steps in args.steps:
-        for w in args.guidance_scales:
-            t0 = time.time()
-            images, labels, nfe = sample_pipeline_uint8(pipe, args.num_samples, steps, w, batch_size=250,
-                                                        seed=args.seed, progress=False)
-            wall = time.time() - t0
-            res = compute_fid_for_images(images, labels, extractor=extractor, ref="test", progress=False)
-            rows.append({"source": args.pipeline, "steps": steps, "guidance_scale": w, "nfe": nfe,
-                         "sample_wall_s": round(wall, 1), **res})
-            logger.info("steps %d w %.1f: FID-digits %.3f (%.2fx floor), accuracy %.4f, %.0f s", steps, w,
-                        res["fid"], res["fid"] / floor["fid"], res["class_accuracy"], wall)
-    return rows
-
-
-def overhead(args) -> dict:
-    from diffusers import DDIMPipeline
-
-    from gen.models.unet import digits_unet
-    from pipelines import ClassConditionalPipeline
-
-    torch.manual_seed(0)
-    unet = digits_unet(num_class_embeds=None).eval()
-    sched = ClassConditionalPipeline.from_pretrained(args.pipeline).scheduler
-    ours = ClassConditionalPipeline(unet=unet, scheduler=sched)
-    ref = DDIMPipeline(unet=unet, scheduler=sched)
-    for p in (ours, ref):
-        p.set_progress_bar_config(disable=True)
-
-    def run_ours():
-        ours(batch_size=args.bench_batch, num_inference_steps=args.bench_steps, output_type="pt",
-             generator=torch.Generator().manual_seed(0))
-
-    def run_ref():
-        ref(batch_size=args.bench_batch, num_inference_steps=args.bench_steps, output_type="np", eta=0.0,
-            generator=torch.Generator().manual_seed(0))
-
-    run_ours(), run_ref()  # warm-up
-    t_ours, t_ref = [], []
-    for _ in range(args.bench_repeats):  # interleaved, so drift in machine load hits both alike
-        t0 = time.perf_counter(); run_ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
-        t0 = time.perf_counter(); run_ref(); t_ref.append(time.perf_counter() - t0)  # noqa: E702
-    mo, mr = statistics.median(t_ours), statistics.median(t_ref)
-    res = {"batch": args.bench_batch, "steps": args.bench_steps, "repeats": args.bench_repeats,
-           "ours_median_s": round(mo, 4), "ddim_pipeline_median_s": round(mr, 4),
-           "ours_images_per_s": round(args.bench_batch / mo, 2), "ddim_images_per_s": round(args.bench_batch / mr, 2),
-           "overhead": round(mo / mr - 1, 4)}
-    logger.info("overhead: ours %.3f s vs DDIMPipeline %.3f s -> %+.1f%%", mo, mr, 100 * res["overhead"])
-    return res
+from gen.cli import parse_settings, run_main
+from gen.evaluation.bench_teacher import BenchTeacherSettings, markdown, run
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", default=str(ROOT / "checkpoints" / "digits-teacher"))
-    p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bench_batch", type=int, default=64)
-    p.add_argument("--bench_steps", type=int, default=25)
-    p.add_argument("--bench_repeats", type=int, default=7)
-    p.add_argument("--skip_quality", action="store_true")
-    p.add_argument("--out", default="outputs/bench_teacher.json")
-    args = p.parse_args(argv)
+    settings = parse_settings(BenchTeacherSettings, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}"
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "torch": torch.__version__,
-              "command": " ".join(sys.argv)}
-    if not args.skip_quality:
-        result["quality"] = quality(args)
-    result["overhead"] = overhead(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print("| source | DDIM steps | w | NFE | FID-digits | x floor | class acc. |")
-    print("|---|---|---|---|---|---|---|")
-    floor = None
-    for r in result.get("quality", []):
-        floor = floor or r["fid"]
-        print(f"| {r['source']} | {r['steps'] or '-'} | {r['guidance_scale'] or '-'} | {r.get('nfe') or '-'} | "
-              f"{r['fid']:.3f} | {r['fid'] / floor:.2f} | {100 * r['class_accuracy']:.1f}% |")
-    o = result["overhead"]
-    print(f"\noverhead vs DDIMPipeline (batch {o['batch']}, {o['steps']} steps, median of {o['repeats']}): "
-          f"{o['ours_median_s']} s vs {o['ddim_pipeline_median_s']} s = {100 * o['overhead']:+.1f}%")
+    result = run(settings, command=" ".join(["python", *sys.argv]))
+    print(markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,13 +21,18 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 
-from gen.diffusion import make_scheduler
+from gen import validate
+from gen.diffusion import SCHEDULERS, make_scheduler
 from gen.sampling import ClassUNetAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
+    check_class_names,
     check_conditioning_kind,
+    check_eta,
     check_generator,
+    check_noise_scheduler,
     check_output_type,
     check_steps,
+    check_unet,
     class_labels_tensor,
     guarded_from_pretrained,
     images_to_output,
@@ -36,6 +41,7 @@ from gen.sampling.pipeline import (
     resolve_guider,
     sample_shape,
     step_end_callback,
+    train_steps,
 )
 
 
@@ -66,17 +72,24 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
+    # model_index.json class names this pipeline loads (Diffusers' unconditional DDPM/DDIM folders too)
+    _folder_classes = ("ClassConditionalPipeline", "ClassConditionalLoraPipeline", "DDPMPipeline", "DDIMPipeline")
 
     def __init__(self, unet: UNet2DModel, scheduler, class_names: list[str] | None = None):
         super().__init__()
+        self._check_unet(unet)
+        self._check_scheduler(scheduler)
         self.register_modules(unet=unet, scheduler=scheduler)
-        if class_names is not None:
-            class_names = [str(c) for c in class_names]
-            n = unet.config.num_class_embeds
-            if n is None or len(class_names) != n - 1:
-                raise ValueError(f"class_names has {len(class_names)} names but the UNet has "
-                                 f"{'no classes' if n is None else n - 1}")
+        n = unet.config.num_class_embeds
+        class_names = check_class_names(class_names, None if n is None else n - 1)
         self.register_to_config(class_names=class_names)
+
+    def _check_unet(self, unet) -> None:
+        check_unet(unet, type(self).__name__)
+
+    def _check_scheduler(self, scheduler) -> None:
+        """A Diffusers noise scheduler (DDPM family or flow matching) with a valid prediction type."""
+        check_noise_scheduler(scheduler, type(self).__name__)
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -87,7 +100,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def use_scheduler(self, name: str, **overrides) -> ClassConditionalPipeline:
         """Swap in the scheduler registered as ``name`` (see ``gen.diffusion.SCHEDULERS``), keeping the noise
         schedule of the current one. Returns ``self``."""
-        self.scheduler = make_scheduler(name, self.scheduler.config, **overrides)
+        if isinstance(name, str) and name.lower() in SCHEDULERS:
+            validate.scheduler_overrides(SCHEDULERS[name.lower()], overrides, name=f"use_scheduler({name!r})")
+        where = f"use_scheduler({name!r}{''.join(f', {k}={v!r}' for k, v in overrides.items())})"
+        try:
+            scheduler = make_scheduler(name, self.scheduler.config, **overrides)
+            scheduler.set_timesteps(2)  # Diffusers checks some settings only here: fail now, not mid-sampling
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        except (TypeError, IndexError, KeyError, RuntimeError, ZeroDivisionError, NotImplementedError) as err:
+            raise ValueError(f"{where}: these settings do not give a working scheduler "
+                             f"({type(err).__name__}: {err})") from None
+        self._check_scheduler(scheduler)
+        self.scheduler = scheduler
         return self
 
     # --- properties ---------------------------------------------------------------------------------------------
@@ -150,9 +175,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         check_conditioning_kind("class", prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
-        steps = check_steps(num_inference_steps)
+        steps = check_steps(num_inference_steps, train_steps(self.scheduler))
         check_output_type(output_type)
         check_generator(generator, batch)
+        eta = check_eta(eta)
         on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, self.unet.dtype
         adapter = self.adapter

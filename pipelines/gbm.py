@@ -15,11 +15,14 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
+from gen import validate
 from gen.gbm import GBM_SAMPLERS, GBMScheduler
 from gen.sampling import denoise
 from gen.sampling.pipeline import (
+    ArgumentTypeError,
     check_conditioning_kind,
     check_generator,
+    check_latents,
     check_output_type,
     check_steps,
     images_to_output,
@@ -42,10 +45,14 @@ class GBMPipeline(ClassConditionalPipeline):
         ((8, 16, 16, 1), 100)
     """
 
+    _folder_classes = ("GBMPipeline",)
+
     def __init__(self, unet: UNet2DModel, scheduler: GBMScheduler, class_names: list[str] | None = None):
-        if not isinstance(scheduler, GBMScheduler):
-            raise ValueError(f"GBMPipeline needs a gen.gbm.GBMScheduler; got {type(scheduler).__name__}")
         super().__init__(unet=unet, scheduler=scheduler, class_names=class_names)
+
+    def _check_scheduler(self, scheduler) -> None:
+        if not isinstance(scheduler, GBMScheduler):
+            raise ArgumentTypeError(f"GBMPipeline needs a gen.gbm.GBMScheduler; got {type(scheduler).__name__}")
 
     def use_scheduler(self, name: str, **overrides):
         raise ValueError("GBMPipeline samples with its GBMScheduler; choose the update with sampler='dls'|'ums'|'ddim'")
@@ -79,12 +86,11 @@ class GBMPipeline(ClassConditionalPipeline):
         Returns:
             ``ClassConditionalPipelineOutput(images, nfe)``.
         """
-        if sampler is not None and sampler not in GBM_SAMPLERS:
-            raise ValueError(f"sampler must be one of {GBM_SAMPLERS}; got {sampler!r}")
+        validate.choice("sampler", sampler, GBM_SAMPLERS, allow_none=True)
         check_conditioning_kind("class", prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
-        steps = check_steps(num_inference_steps)
+        steps = check_steps(num_inference_steps)  # the GBM grid names its own limit
         check_output_type(output_type)
         check_generator(generator, batch, allow_list=False)
         on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -94,9 +100,7 @@ class GBMPipeline(ClassConditionalPipeline):
         if latents is None:
             x = s.sample_prior(shape, generator=generator, device=device)
         else:
-            latents = torch.as_tensor(latents)
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents shape {tuple(latents.shape)} != expected {shape}")
+            latents = check_latents(latents, shape)
             s.check_positive("latents", latents)
             x = latents.to(device=device, dtype=torch.float32)
         adapter = self.adapter

@@ -15,15 +15,21 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from gen import validate
 from gen.guidance import Guider
 from gen.sampling import Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
     check_conditioning_kind,
+    check_eta,
+    check_generator,
+    check_latents,
+    check_output_type,
     check_steps,
     guarded_from_pretrained,
     nfe_value,
     resolve_guider,
     step_end_callback,
+    train_steps,
 )
 
 
@@ -45,6 +51,8 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents"]
+    _folder_classes = ("StableDiffusionPipeline", "GuidedStableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                       "LatentRedDiffPipeline")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -86,17 +94,37 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         # 0. arguments
         check_conditioning_kind("text", class_labels=class_labels)
         guider = resolve_guider(guidance_scale, guider, default_scale=7.5)
-        steps = check_steps(num_inference_steps)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}; allowed: pil, np, pt, latent")
+        steps = check_steps(num_inference_steps, train_steps(self.scheduler))
+        check_output_type(output_type, ("pil", "np", "pt", "latent"))
         on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        f = self.vae_scale_factor
+        height = validate.divisible_size("height", height, f, default=self.unet.config.sample_size * f)
+        width = validate.divisible_size("width", width, f, default=self.unet.config.sample_size * f)
+        num_images_per_prompt = validate.integer("num_images_per_prompt", num_images_per_prompt, 1)
+        eta = check_eta(eta)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt (a string or a list of strings) or prompt_embeds; got neither")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is not None:
+            prompt = validate.prompts("prompt", prompt)
+        if negative_prompt is not None:
+            negative_prompt = validate.prompts("negative_prompt", negative_prompt,
+                                               batch=None if prompt is None else len(prompt))
+        dim = self.unet.config.cross_attention_dim
+        prompt_embeds = validate.tensor("prompt_embeds", prompt_embeds, shape=(None, None, dim), allow_none=True)
+        negative_prompt_embeds = validate.tensor("negative_prompt_embeds", negative_prompt_embeds,
+                                                 shape=None if prompt_embeds is None else tuple(prompt_embeds.shape),
+                                                 ndim=3, allow_none=True)
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+            batch_size = len(prompt)
         else:
             batch_size = prompt_embeds.shape[0]
+        check_generator(generator, batch_size * num_images_per_prompt)
+        if latents is not None:
+            latents = check_latents(latents, (batch_size * num_images_per_prompt, self.unet.config.in_channels,
+                                              height // f, width // f))
         device = self._execution_device
 
         # 1. text embeddings (the unconditional branch is the negative / empty prompt)

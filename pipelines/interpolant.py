@@ -29,13 +29,19 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 
+from gen import validate
+from gen.interpolants.diffusion_coefficients import DIFFUSION_FORMS
 from gen.interpolants.scheduler import InterpolantScheduler
 from gen.sampling import ClassUNetAdapter, denoise
 from gen.sampling.pipeline import (
+    ArgumentTypeError,
+    check_batch_size,
+    check_class_names,
     check_conditioning_kind,
     check_generator,
     check_output_type,
     check_steps,
+    check_unet,
     class_labels_tensor,
     guarded_from_pretrained,
     images_to_output,
@@ -74,17 +80,21 @@ class InterpolantPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
+    _folder_classes = ("InterpolantPipeline",)
 
     def __init__(self, unet: UNet2DModel, scheduler: InterpolantScheduler, base_noise_std: float = 0.0,
                  class_names: list[str] | None = None):
         super().__init__()
+        check_unet(unet, "InterpolantPipeline")
         if not isinstance(scheduler, InterpolantScheduler):
-            raise ValueError(f"scheduler must be an InterpolantScheduler; got {type(scheduler).__name__}")
-        if not base_noise_std >= 0:
-            raise ValueError(f"base_noise_std must be >= 0; got {base_noise_std}")
+            hint = " (a diffusion model folder? load it with pipelines.ClassConditionalPipeline)" \
+                if hasattr(scheduler, "alphas_cumprod") else ""
+            raise ArgumentTypeError(f"scheduler must be an InterpolantScheduler; got {type(scheduler).__name__}{hint}")
+        base_noise_std = validate.number("base_noise_std", base_noise_std, 0.0)
+        n = unet.config.num_class_embeds
+        class_names = check_class_names(class_names, None if n is None else n - 1)
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(base_noise_std=float(base_noise_std),
-                                class_names=None if class_names is None else [str(c) for c in class_names])
+        self.register_to_config(base_noise_std=base_noise_std, class_names=class_names)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -109,13 +119,11 @@ class InterpolantPipeline(DiffusionPipeline):
         cfg = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
         over = {}
         if sampler is not None:
-            if sampler not in ("ode", "sde"):
-                raise ValueError(f"sampler={sampler!r}; allowed: ode, sde")
-            over["sampler"] = sampler
+            over["sampler"] = validate.choice("sampler", sampler, ("ode", "sde"))
             if method is None:
                 over["solver"] = "heun" if sampler == "ode" else "euler_maruyama"
         if method is not None:
-            over["solver"] = method
+            over["solver"] = method  # the scheduler names a solver of the wrong kind (ValueError)
         if not over:
             return self.scheduler
         return InterpolantScheduler.from_config({**cfg, **over})
@@ -163,15 +171,17 @@ class InterpolantPipeline(DiffusionPipeline):
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)
         check_output_type(output_type)
+        batch_size = check_batch_size(batch_size)
+        if eps is not None:
+            eps = validate.eps_schedule("eps", eps, DIFFUSION_FORMS)
         device, dtype = self._execution_device, self.unet.dtype
         cond = None
         if self.is_bridge:
             if source_images is None:
                 raise ValueError("this is a bridge UNet (in_channels = 2 x out_channels): pass source_images")
-            source_images = torch.as_tensor(source_images)
-            if source_images.ndim != 4 or source_images.shape[1] != self.unet.config.out_channels:
-                raise ValueError(f"source_images must be [N, {self.unet.config.out_channels}, H, W]; "
-                                 f"got {tuple(source_images.shape)}")
+            size = sample_shape(self.unet.config, 1)[2:]
+            source_images = validate.image("source_images", source_images, (-1.0, 1.0), tolerance=2.0,
+                                           shape=(None, self.unet.config.out_channels, *size))
             if batch_size is None:
                 batch_size = source_images.shape[0]
             cond = source_images.to(device=device, dtype=dtype)

@@ -27,11 +27,27 @@ class UNetLoraLoaderMixin:
         """
         from pathlib import Path
 
+        from gen import validate
+        from gen.sampling.loading import looks_local
+
+        if not isinstance(pretrained_model_name_or_path, (str, Path)):
+            raise validate.ArgumentTypeError(f"pretrained_model_name_or_path must be a folder, a file or a hub id; got "
+                                             f"{validate.describe(pretrained_model_name_or_path)}")
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise validate.ArgumentTypeError(f"adapter_name must be a non-empty string; got "
+                                             f"{validate.describe(adapter_name)}")
         path = Path(str(pretrained_model_name_or_path))
-        if not path.exists() and "/" in str(pretrained_model_name_or_path) and not str(path).startswith((".", "/")):
+        if not path.exists() and not looks_local(str(pretrained_model_name_or_path)) \
+                and "/" in str(pretrained_model_name_or_path):
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(str(pretrained_model_name_or_path)))
+            try:
+                path = Path(snapshot_download(str(pretrained_model_name_or_path)))
+            except Exception as err:  # offline, unknown repo, ...: one error naming the id
+                raise ValueError(f"could not fetch LoRA {str(pretrained_model_name_or_path)!r} from the hub: "
+                                 f"{type(err).__name__}: {err}") from None
+        elif not path.exists():
+            raise ValueError(f"no LoRA weights at {str(path)!r}: no such folder or file")
         if path.is_dir() and kwargs.get("weight_name"):
             path = path / kwargs["weight_name"]
         if adapter_name in getattr(self.unet, "peft_config", {}):

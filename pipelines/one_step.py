@@ -17,9 +17,19 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from gen import validate
 from gen.diffusion import PREDICTION_TYPES
 from gen.distill.fdistill import one_step_generate
-from gen.sampling.pipeline import OUTPUT_TYPES, images_to_output, initial_noise, sample_shape
+from gen.sampling.adapters import unwrap_network
+from gen.sampling.pipeline import (
+    OUTPUT_TYPES,
+    ArgumentTypeError,
+    check_generator,
+    check_output_type,
+    images_to_output,
+    initial_noise,
+    sample_shape,
+)
 
 from .class_conditional import ClassConditionalPipeline
 
@@ -51,18 +61,25 @@ class OneStepPipeline(ClassConditionalPipeline):
 
     _optional_components = ["vae", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _folder_classes = ("OneStepPipeline",)
 
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, generator_timestep: int = 999,
                  generator_prediction: str = "scheduler", class_names: list[str] | None = None):
         super().__init__(unet=unet, scheduler=scheduler, class_names=class_names)
-        if generator_prediction != "scheduler" and generator_prediction not in PREDICTION_TYPES:
-            raise ValueError(f"generator_prediction={generator_prediction!r}; allowed: scheduler, "
-                             f"{', '.join(PREDICTION_TYPES)}")
+        validate.choice("generator_prediction", generator_prediction, ("scheduler", *PREDICTION_TYPES))
         n_train = scheduler.config.get("num_train_timesteps", 1000)
-        if not 0 <= generator_timestep <= n_train:
-            raise ValueError(f"generator_timestep={generator_timestep} outside [0, {n_train}]")
+        generator_timestep = validate.integer("generator_timestep", generator_timestep, 0, n_train)
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("a text-to-image student needs both text_encoder and tokenizer (or neither)")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(generator_timestep=int(generator_timestep), generator_prediction=generator_prediction)
+
+    def _check_unet(self, unet) -> None:
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        if not isinstance(unwrap_network(unet), (UNet2DModel, UNet2DConditionModel)):
+            raise ArgumentTypeError(f"OneStepPipeline needs a UNet2DModel or UNet2DConditionModel as unet; got "
+                                    f"{validate.describe(unet)}")
 
     @property
     def num_classes(self) -> int | None:
@@ -109,13 +126,13 @@ class OneStepPipeline(ClassConditionalPipeline):
         Returns:
             ``OneStepPipelineOutput(images, nfe=1)`` or a tuple ``(images, 1)``.
         """
-        if num_inference_steps != 1:
+        if validate.integer("num_inference_steps", num_inference_steps, 1) != 1:
             raise ValueError(f"a one-step generator takes num_inference_steps=1; got {num_inference_steps!r}")
-        if guidance_scale != 1.0:
+        if validate.number("guidance_scale", guidance_scale, 0.0) != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale!r}: a one-step student has no guidance at sampling time "
                              "(distil with teacher_guidance_scale instead)")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        check_output_type(output_type, OUTPUT_TYPES)
+        batch_size = validate.integer("batch_size", batch_size, 1, allow_none=True)
         device, dtype = self._execution_device, self.unet.dtype
         cond: dict = {}
         if self.is_text_to_image:
@@ -123,9 +140,7 @@ class OneStepPipeline(ClassConditionalPipeline):
                 raise ValueError("this is a text-to-image student: give prompt, not class_labels")
             if prompt is None:
                 raise ValueError("a text-to-image student needs prompt (str or list of str)")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompt must be a non-empty str or list of str")
+            prompts = validate.prompts("prompt", prompt)
             if batch_size is not None and batch_size != len(prompts):
                 raise ValueError(f"batch_size={batch_size} does not match {len(prompts)} prompts")
             batch = len(prompts)
@@ -136,8 +151,7 @@ class OneStepPipeline(ClassConditionalPipeline):
             labels, batch = self._class_tensor(class_labels, batch_size)
             if labels is not None:
                 cond["class_labels"] = labels.to(device)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one, or one per image")
+        check_generator(generator, batch)
         latents = initial_noise(sample_shape(self.unet.config, batch), generator, latents, device, dtype)
         # 1. one network evaluation: z -> x0
         x0 = one_step_generate(self.unet, self.scheduler, latents, self.config.generator_timestep, cond,

@@ -17,7 +17,6 @@ prompt against the null class or empty prompt) as in every pipeline.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +26,20 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from gen import validate
 from gen.diffusion import alpha_sigma, prediction_type_of
 from gen.inverse import WEIGHTINGS, Operator, reddiff_timesteps
 from gen.inverse.dps import DPSHook
 from gen.inverse.reddiff import RedDiffSolver, run_red_diff
 from gen.sampling import ClassUNetAdapter, Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
-from gen.sampling.pipeline import guarded_from_pretrained, resolve_guider
+from gen.sampling.pipeline import (
+    ArgumentTypeError,
+    check_eta,
+    check_noise_scheduler,
+    check_unet,
+    guarded_from_pretrained,
+    resolve_guider,
+)
 
 METHODS = ("reddiff", "dps", "pinv")
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -55,34 +62,35 @@ class _InverseMixin:
         """Load from a local folder or a hub id; a missing or broken local folder raises ``ValueError``."""
         return guarded_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
 
-    @staticmethod
-    def _check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
-                    lr, lam, weighting, zeta):
+    def _check_args(self, measurement, operator, method, num_inference_steps, output_type, generator, x_shape,
+                    x_init, lr, lam, weighting, zeta, eta, obs_weight, t_max, t_min, callback):
+        """Every argument through :mod:`gen.validate`; returns ``(measurement, x_init)`` as tensors."""
         if not isinstance(operator, Operator):
-            raise ValueError(f"operator must be a gen.inverse.Operator; got {type(operator).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; allowed: {', '.join(METHODS)}")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be one torch.Generator (noise is drawn batched); got "
-                             f"{type(generator).__name__}")
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
-        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0; got {lam!r}")
-        if not callable(weighting) and weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable")
-        if not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
-            raise ValueError(f"zeta must be a finite number >= 0; got {zeta!r}")
-        operator.check_measurement(measurement, x_shape)
+            raise ArgumentTypeError(f"operator must be a gen.inverse.Operator (Inpainting, SuperResolution, ...); got "
+                                    f"{validate.describe(operator)}")
+        validate.choice("method", method, METHODS)
+        validate.integer("num_inference_steps", num_inference_steps, 1)
+        validate.choice("output_type", output_type, OUTPUT_TYPES)
+        validate.generator("generator", generator, allow_list=False)
+        validate.number("lr", lr, 0.0, low_open=True)
+        validate.number("lam", lam, 0.0)
+        if not callable(weighting):
+            validate.choice("weighting", weighting, WEIGHTINGS)
+        validate.number("zeta", zeta, 0.0)
+        check_eta(eta)
+        validate.number("obs_weight", obs_weight, 0.0, low_open=True, allow_none=True)
+        n_train = self.scheduler.config.num_train_timesteps
+        validate.integer("t_max", t_max, 0, n_train - 1, allow_none=True)
+        validate.integer("t_min", t_min, 0, n_train - 1)
+        validate.callback("callback", callback)
+        y = operator.check_measurement(measurement, x_shape)
+        x_init = validate.image("x_init", x_init, (-1.0, 1.0), tolerance=0.5, shape=x_shape, allow_none=True)
         if method in ("reddiff", "pinv") and x_init is None and not operator.has_pinv:
             raise ValueError(
                 f"{type(operator).__name__} has no pinv, which method={method!r} needs"
                 + (" to initialise mu: pass x_init=" if method == "reddiff" else "")
             )
+        return y, x_init
 
     def _solve(self, adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam, weighting,
                obs_weight, t_max, t_min, zeta, eta, num_inference_steps, generator, callback, dtype, device,
@@ -134,9 +142,13 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _folder_classes = ("RedDiffPipeline", "ClassConditionalPipeline", "ClassConditionalLoraPipeline", "DDPMPipeline",
+                       "DDIMPipeline")
 
     def __init__(self, unet, scheduler):
         super().__init__()
+        check_unet(unet, "RedDiffPipeline")
+        check_noise_scheduler(scheduler, "RedDiffPipeline")
         self.register_modules(unet=unet, scheduler=scheduler)
 
     @property
@@ -151,10 +163,17 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
             return None
         if class_labels is None:
             return torch.full((batch,), self.null_class, dtype=torch.long)
-        if isinstance(class_labels, (int, np.integer)):
+        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
             class_labels = [int(class_labels)] * batch
+        if isinstance(class_labels, (str, bool, float)) or (isinstance(class_labels, (list, tuple)) and not all(
+                isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in class_labels)):
+            raise ArgumentTypeError(f"class_labels must be an int or {batch} ints (one per measurement); got "
+                                    f"{validate.describe(class_labels)}")
+        if not isinstance(class_labels, (list, tuple, np.ndarray, torch.Tensor)):
+            raise ArgumentTypeError(f"class_labels must be an int or {batch} ints (one per measurement); got "
+                                    f"{validate.describe(class_labels)}")
         labels = torch.as_tensor(class_labels)
-        if labels.ndim != 1 or labels.numel() != batch or labels.is_floating_point():
+        if labels.ndim != 1 or labels.numel() != batch or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be an int or {batch} ints (one per measurement); got "
                              f"shape {tuple(labels.shape)} dtype {labels.dtype}")
         if ((labels < 0) | (labels > self.null_class)).any():
@@ -212,15 +231,15 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         """
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-        height, width = height or size[0], width or size[1]
-        if not isinstance(measurement, torch.Tensor) or measurement.ndim < 1:
-            raise ValueError("measurement must be a torch.Tensor [B, ...]")
+        down = 2 ** (len(cfg.block_out_channels) - 1)
+        height = validate.divisible_size("height", height, down, default=size[0])
+        width = validate.divisible_size("width", width, down, default=size[1])
+        measurement = validate.tensor("measurement", measurement, ndim=range(1, 9), finite=False)
         batch = measurement.shape[0]
         x_shape = (batch, cfg.in_channels, height, width)
-        self._check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
-                         lr, lam, weighting, zeta)
-        if x_init is not None and tuple(x_init.shape) != x_shape:
-            raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
+        measurement, x_init = self._check_args(measurement, operator, method, num_inference_steps, output_type,
+                                               generator, x_shape, x_init, lr, lam, weighting, zeta, eta, obs_weight,
+                                               t_max, t_min, callback)
         labels = self._labels(class_labels, batch)
         guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
@@ -253,9 +272,11 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _folder_classes = ("LatentRedDiffPipeline", "StableDiffusionPipeline", "GuidedStableDiffusionPipeline")
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         super().__init__()
+        check_noise_scheduler(scheduler, "LatentRedDiffPipeline")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     @property
@@ -264,10 +285,7 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
 
     def encode_prompt(self, prompt, batch: int, device) -> torch.Tensor:
         """CLIP text embeddings ``[B, L, D]`` of ``prompt`` (a string for all, or one per measurement)."""
-        if isinstance(prompt, str):
-            prompt = [prompt] * batch
-        if not isinstance(prompt, (list, tuple)) or len(prompt) != batch or not all(isinstance(p, str) for p in prompt):
-            raise ValueError(f"prompt must be a string or a list of {batch} strings (one per measurement)")
+        prompt = validate.prompts("prompt", prompt, batch=batch)
         ids = self.tokenizer(list(prompt), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
         return self.text_encoder(ids)[0]
@@ -313,17 +331,15 @@ class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
         f = self.vae_scale_factor
         size = self.unet.config.sample_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
-        height, width = height or size[0] * f, width or size[1] * f
-        if height % f or width % f:
-            raise ValueError(f"height and width must be divisible by the VAE factor {f}; got {height}x{width}")
-        if not isinstance(measurement, torch.Tensor) or measurement.ndim < 1:
-            raise ValueError("measurement must be a torch.Tensor [B, ...]")
+        height = validate.divisible_size("height", height, f, default=size[0] * f)
+        width = validate.divisible_size("width", width, f, default=size[1] * f)
+        measurement = validate.tensor("measurement", measurement, ndim=range(1, 9), finite=False)
         batch = measurement.shape[0]
         x_shape = (batch, self.vae.config.in_channels, height, width)
-        self._check_args(measurement, operator, method, num_inference_steps, output_type, generator, x_shape, x_init,
-                         lr, lam, weighting, zeta)
-        if x_init is not None and tuple(x_init.shape) != x_shape:
-            raise ValueError(f"x_init shape {tuple(x_init.shape)} does not match the image shape {x_shape}")
+        measurement, x_init = self._check_args(measurement, operator, method, num_inference_steps, output_type,
+                                               generator, x_shape, x_init, lr, lam, weighting, zeta, eta, obs_weight,
+                                               t_max, t_min, callback)
+        prompt = validate.prompts("prompt", prompt, batch=batch)
         guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
         y = measurement.to(device, dtype)

@@ -1,8 +1,8 @@
-"""eval/fid.py and gen.metrics.evaluate end to end with a tiny random digits classifier and a tiny pipeline."""
+"""eval/fid.py (gen.evaluation.fid) and gen.metrics.evaluate end to end with a tiny random digits classifier and a
+tiny pipeline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,15 +16,24 @@ from torch import nn
 from gen.metrics import evaluate
 from gen.metrics.fid import load_stats
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "fid.py"
-
 
 @pytest.fixture(scope="module")
 def fid_script():
-    spec = importlib.util.spec_from_file_location("eval_fid_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """What eval/fid.py does: options -> gen.evaluation.fid.run; bad input is exit code 2 with 'error: ...'."""
+    import sys
+
+    from gen.cli import parse_settings
+    from gen.evaluation.fid import FIDSettings, run
+
+    def main(argv):
+        try:
+            run(parse_settings(FIDSettings, argv))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    return SimpleNamespace(main=main)
 
 
 def save_tiny_classifier(folder: Path, seed: int) -> Path:
@@ -86,8 +95,13 @@ def test_dataset_against_reference_writes_json(setup, fid_script):
     ):
         assert key in result, key
     assert result["n"] == 1437 and result["n_ref"] == 360 and result["features"] == "digits"
-    assert np.isfinite(result["fid"]) and result["fid"] > 0 and np.isfinite(result["kid"])
+    assert np.isfinite(result["fid"]) and result["fid"] > 0
+    # KID is meaningful with Inception features only: on digits features it is not reported unless asked for
+    assert result["kid"] is None and "calibrated for Inception" in result["kid_note"]
     assert 0.0 <= result["class_accuracy"] <= 1.0 and result["steps"] is None
+    assert fid_script.main([*argv, "--out", str(out), "--no_progress", "--kid", "on"]) == 0
+    result = json.loads(out.read_text())
+    assert np.isfinite(result["kid"]) and "feature scale" in result["kid_note"]
 
 
 def test_pipeline_samples_and_saved_pngs_give_the_same_fid(setup, fid_script):

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gen.cli import parse_settings
+from gen.evaluation import gbm as gbm_eval
 from gen.gbm import GBMScheduler
 from gen.guidance import APG
 from gen.models.unet import tiny_unet
@@ -82,7 +84,7 @@ def test_bad_arguments():
     pipe = _pipe()
     with pytest.raises(ValueError, match="outside the training grid"):
         pipe(batch_size=1, num_inference_steps=1001)
-    with pytest.raises(ValueError, match="sampler must be one of"):
+    with pytest.raises(ValueError, match="sampler=.euler.; allowed: dls, ums, ddim"):
         pipe(batch_size=1, num_inference_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="non-positive"):
         pipe(batch_size=1, num_inference_steps=2, latents=-torch.ones(1, 1, 8, 8))
@@ -108,9 +110,10 @@ def test_train_script_smoke_and_config_errors(tmp_path):
     assert s.data_log_mean[0] == pytest.approx(0.9314, abs=1e-3) and s.data_log_std[0] == pytest.approx(0.2346, 1e-2)
     pipe.set_progress_bar_config(disable=True)
     assert pipe(class_labels=[4], num_inference_steps=3, output_type="np").images.shape == (1, 16, 16, 1)
-    res = load_script("eval/gbm.py").main(["--model", str(out), "--out", str(tmp_path / "eval"), "--num_samples",
-                                           "20", "--batch_size", "10", "--ddim_steps", "2,3", "--dls_steps", "3",
-                                           "--ums_steps", "3", "--baseline_steps", "2", "--baseline_ddpm_steps", "2"])
+    res = gbm_eval.run(parse_settings(gbm_eval.GBMEvalSettings, [
+        "--model", str(out), "--out", str(tmp_path / "eval"), "--num_samples", "20", "--batch_size", "10",
+        "--ddim_steps", "2,3", "--dls_steps", "3", "--ums_steps", "3", "--baseline_steps", "2",
+        "--baseline_ddpm_steps", "2"]))
     got = {(r["sampler"], r["steps"]) for r in res["rows"]}
     assert got == {("ddim", 2), ("ddim", 3), ("dls", 3), ("ums", 3), ("ddim-additive", 2), ("ddpm-additive", 2)}
     assert all(r["n"] == 20 and r["fid"] > 0 for r in res["rows"])

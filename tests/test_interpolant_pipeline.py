@@ -153,15 +153,18 @@ def test_two_process_training(tmp_path):
 
 # --- the eval script --------------------------------------------------------------------------------------------------
 def test_eval_script_smoke(tmp_path):
-    ev = load_script("eval/interpolants.py")
+    from gen.cli import parse_settings
+    from gen.evaluation import interpolants as ev
+
     a = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
     assert ev.sliced_wasserstein(a, a) == 0.0
     assert ev.sliced_wasserstein(a, a + 1.0) == pytest.approx(1.0, rel=0.2)
     b = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
     assert abs(ev.mmd_rbf(a, b)) < 0.02 and ev.mmd_rbf(a, a + 2.0) > 0.1  # unbiased: ~0 for the same law
-    res = ev.main(["--out", str(tmp_path), "--only", "toys", "--toys", "8gaussians", "--toy_steps", "4",
-                   "--chunk", "2", "--toy_batch", "16", "--toy_samples", "64", "--toy_nfe", "2", "--mlp_hidden", "16",
-                   "--mlp_depth", "1", "--sw_projections", "8"])
+    res = ev.run(parse_settings(ev.InterpolantEvalSettings, [
+        "--out", str(tmp_path), "--only", "toys", "--toys", "8gaussians", "--toy_steps", "4", "--chunk", "2",
+        "--toy_batch", "16", "--toy_samples", "64", "--toy_nfe", "2", "--mlp_hidden", "16", "--mlp_depth", "1",
+        "--sw_projections", "8"]))
     entry = res["toys"]["8gaussians"]
     assert entry["train"]["ours"]["samples_per_s"] > 0 and entry["quality"][0]["ours"]["sw2"] > 0
     assert (tmp_path / "results.json").is_file() and "8gaussians" in (tmp_path / "rows.md").read_text()

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -140,19 +139,6 @@ def toy_teacher(cfg: FDistillTrainConfig):
     return GaussianMixtureTeacher(centres, cfg.toy_std or std, sched), sched
 
 
-def _check_local_pipeline(path: str) -> None:
-    """A path meant as a local folder (it exists, or looks like a path rather than a hub id ``org/name``) must be a
-    pipeline folder."""
-    p = Path(os.path.expanduser(path))
-    local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
-    if not local:
-        return
-    if not p.exists():
-        raise ValueError(f"teacher pipeline folder {path!r} does not exist")
-    if not (p / "model_index.json").is_file():
-        raise ValueError(f"teacher {path!r} is not a pipeline folder: it has no model_index.json")
-
-
 def load_teacher(cfg: FDistillTrainConfig):
     """``(teacher network, DDPM scheduler, kind, extras)`` with kind ``"toy"``, ``"class"`` or ``"text"``; extras
     hold the text teacher's ``vae``, ``text_encoder`` and ``tokenizer``."""
@@ -161,7 +147,9 @@ def load_teacher(cfg: FDistillTrainConfig):
         return teacher, sched, "toy", {}
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    _check_local_pipeline(cfg.teacher)
+    from gen.sampling.pipeline import check_pipeline_folder
+
+    check_pipeline_folder(cfg.teacher)
     try:
         index = DiffusionPipeline.load_config(cfg.teacher)  # model_index.json of a local folder or a hub id
     except (OSError, ValueError) as err:

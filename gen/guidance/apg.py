@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.configuration_utils import register_to_config
+
+from gen import validate
 
 from .base import Guider, Prediction, StepInfo, check_scale
 
@@ -59,15 +59,13 @@ class APG(Guider):
         dims: list[int] | None = None,
     ):
         self.guidance_scale = check_scale("guidance_scale", guidance_scale)
-        if not math.isfinite(eta):
-            raise ValueError(f"eta must be finite; got {eta!r}")
-        if not (math.isfinite(momentum) and abs(momentum) < 1):
-            raise ValueError(f"momentum (beta) must satisfy |momentum| < 1; got {momentum!r}")
-        if norm_threshold is not None and not (math.isfinite(norm_threshold) and norm_threshold > 0):
-            raise ValueError(
-                f"norm_threshold (r) must be a finite number > 0 or None; got {norm_threshold!r}"
-            )
+        eta = validate.number("eta", eta)
+        momentum = validate.number("momentum (beta, |beta| < 1)", momentum, -1.0, 1.0, low_open=True, high_open=True)
+        norm_threshold = validate.number("norm_threshold (r)", norm_threshold, 0.0, low_open=True, allow_none=True)
         if dims is not None:
+            if isinstance(dims, (str, bytes)) or not isinstance(dims, (list, tuple)):
+                raise validate.ArgumentTypeError(f"dims must be a list of non-batch dims (ints != 0) or None; got "
+                                                 f"{validate.describe(dims)}")
             dims = list(dims)
             if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d == 0 for d in dims):
                 raise ValueError(

@@ -19,13 +19,16 @@ in plain attributes that ``begin`` resets.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
+
+from gen import validate
 
 _GUIDER_CLASSES: dict[str, type[Guider]] = {}
 
@@ -62,14 +65,7 @@ class StepInfo:
 
 def check_scale(name: str, value: float) -> float:
     """Validate a guidance scale: a finite real number >= 0 (1 means no guidance, 0 means unconditional)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return float(value)
+    return validate.number(name, value, 0.0)
 
 
 def rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -102,10 +98,30 @@ class Guider(ConfigMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
     ):
-        """Load a guider saved by ``save_pretrained``; ``Guider.from_pretrained`` picks the saved class."""
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        target = guider_class(config["_class_name"]) if cls is Guider else cls
-        return target.from_config(config)
+        """Load a guider saved by ``save_pretrained``; ``Guider.from_pretrained`` picks the saved class.
+
+        A missing, corrupt or foreign ``guider_config.json`` (another guider's settings for a specific class, invalid
+        JSON, a non-object) is a ``ValueError`` naming the file."""
+        where = Path(os.fspath(pretrained_model_name_or_path)) / (subfolder or "") / cls.config_name
+        from gen.sampling.loading import looks_local  # here: gen.sampling imports gen.guidance
+
+        if looks_local(os.fspath(pretrained_model_name_or_path)) and not where.parent.is_dir():
+            raise ValueError(f"guider folder {str(where.parent)!r} does not exist")
+        try:
+            config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"could not read a guider config from {str(where)!r}: {err}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+            raise ValueError(f"{str(where)!r} is not a guider config (a JSON object with _class_name)")
+        name = config["_class_name"]
+        if cls is not Guider and name != cls.__name__:
+            raise ValueError(f"{str(where)!r} holds a {name} guider, not a {cls.__name__}; load it with "
+                             f"{name}.from_pretrained or Guider.from_pretrained")
+        target = guider_class(name, f"_class_name in {str(where)!r}") if cls is Guider else cls
+        try:
+            return target.from_config(config)
+        except TypeError as err:  # an unknown or missing setting
+            raise ValueError(f"{str(where)!r}: {err}") from None
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -234,11 +250,11 @@ class Guider(ConfigMixin):
         return run["batch_size"]
 
 
-def guider_class(name: str) -> type[Guider]:
-    """The ``Guider`` subclass called ``name`` (class name, as stored in ``inner_class``)."""
-    if name not in _GUIDER_CLASSES:
+def guider_class(name: str, what: str = "inner_class") -> type[Guider]:
+    """The ``Guider`` subclass called ``name`` (class name, as stored in ``inner_class`` or ``_class_name``)."""
+    if not isinstance(name, str) or name not in _GUIDER_CLASSES:
         raise ValueError(
-            f"inner_class={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}"
+            f"{what}={name!r} is not a guider; allowed: {', '.join(sorted(_GUIDER_CLASSES))}"
         )
     return _GUIDER_CLASSES[name]
 
@@ -271,10 +287,13 @@ class GuiderWrapper(Guider):
             if inner_class is not None or inner_config is not None:
                 raise ValueError("pass either inner or inner_class/inner_config, not both")
             if not isinstance(inner, Guider):
-                raise ValueError(f"inner must be a Guider; got {type(inner).__name__}")
+                raise validate.ArgumentTypeError(f"inner must be a gen.guidance.Guider; got {validate.describe(inner)}")
         else:
             if inner_class is None:
                 raise ValueError("inner (a Guider) or inner_class/inner_config is required")
+            if inner_config is not None and not isinstance(inner_config, dict):
+                raise validate.ArgumentTypeError(f"inner_config must be a dict of settings; got "
+                                                 f"{validate.describe(inner_config)}")
             inner = guider_class(inner_class).from_config(dict(inner_config or {}))
         self.inner = inner
         inner_config = {k: v for k, v in _plain(dict(inner.config)).items() if not k.startswith("_")}

@@ -16,6 +16,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import ClassifierFreeGuidance
 
+from gen import validate
+
 
 class DiffusersAdaptiveGuidance(ClassifierFreeGuidance):
     """Diffusers CFG guider that switches itself off once the batch's predictions align (AG).
@@ -30,6 +32,10 @@ class DiffusersAdaptiveGuidance(ClassifierFreeGuidance):
     def __init__(self, guidance_scale: float = 7.5, gamma_bar: float = 0.99, guidance_rescale: float = 0.0,
                  use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0,
                  enabled: bool = True):
+        guidance_scale = validate.number("guidance_scale", guidance_scale)
+        gamma_bar = validate.number("gamma_bar (a cosine threshold, ~0.99; > 1 never switches)", gamma_bar)
+        guidance_rescale = validate.number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        start, stop = validate.number("start", start, 0.0, 1.0), validate.number("stop", stop, 0.0, 1.0)
         super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                          use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled)
         self.gamma_bar = gamma_bar

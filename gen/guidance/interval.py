@@ -3,9 +3,9 @@ levels."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from gen import validate
 
 from .base import Guider, GuiderWrapper, Prediction, StepInfo
 
@@ -37,15 +37,9 @@ class GuidanceInterval(GuiderWrapper):
         inner_class: str | None = None,
         inner_config: dict | None = None,
     ):
-        for name, value in (("sigma_lo", sigma_lo), ("sigma_hi", sigma_hi)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or math.isnan(value)
-                or value < 0
-            ):
-                raise ValueError(f"{name} must be a number >= 0; got {value!r}")
-        if not (math.isfinite(sigma_lo) and sigma_lo < sigma_hi):
+        sigma_lo = validate.number("sigma_lo", sigma_lo, 0.0)
+        sigma_hi = validate.number("sigma_hi", sigma_hi, 0.0, allow_inf=True)
+        if not sigma_lo < sigma_hi:
             raise ValueError(
                 f"need a finite sigma_lo < sigma_hi; got sigma_lo={sigma_lo!r}, sigma_hi={sigma_hi!r}"
             )

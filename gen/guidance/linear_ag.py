@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from gen import validate
+
 from .base import Guider, Prediction, StepInfo, check_scale
 
 REGRESSORS = ("cond_x0[k]", "cond_x0[k-1]", "uncond_x0[k-1]")
@@ -70,7 +72,12 @@ class LinearAG(Guider):
             raise ValueError(
                 f"num_exact_steps must be an int in [0, {num_inference_steps}]; got {num_exact_steps!r}"
             )
-        rows = [list(map(float, row)) for row in coefficients]
+        if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, (list, tuple)) or not all(
+                isinstance(r, (list, tuple)) for r in coefficients):
+            raise validate.ArgumentTypeError(f"coefficients must be a list of rows of {len(REGRESSORS)} numbers; got "
+                                             f"{validate.describe(coefficients)}")
+        rows = [[validate.number(f"coefficients[{k}][{j}]", v) for j, v in enumerate(row)]
+                for k, row in enumerate(coefficients)]
         if len(rows) != num_inference_steps or any(len(r) != len(REGRESSORS) for r in rows):
             raise ValueError(
                 f"coefficients must be {num_inference_steps} rows (one per step) of {len(REGRESSORS)} floats "

@@ -10,7 +10,7 @@ Protocol (every operator; RED-Diff, DPS and the pipelines use nothing else):
   (``H H^+ H = H``), computed in closed form (SVD of separable factors, FFT diagonalisation, projections), with
   singular values below ``rcond * max`` dropped when ``rcond > 0``. Non-linear operators give the approximate
   inverse used by the RED-Diff reference code (``exact_pinv = False``). Operators without one raise
-  ``NotImplementedError``; ``has_pinv`` says which.
+  :class:`MissingPieceError` (a ``NotImplementedError`` that is also a ``ValueError``); ``has_pinv`` says which.
 - ``adjoint(y, x_shape)``: ``H^T y`` (linear operators only, ``linear = True``).
 - ``sigma_y``: the standard deviation of the Gaussian measurement noise (in the [-1, 1] units of the images);
   ``measure(x, generator)`` draws ``y = H(x) + sigma_y n``.
@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from gen import validate
+
 __all__ = [
     "Operator",
     "Denoising",
@@ -42,9 +44,23 @@ __all__ = [
     "PhaseRetrieval",
     "HDR",
     "Compose",
+    "MissingPieceError",
     "SeparableLinear",
     "motion_blur_kernel",
 ]
+
+
+class MissingPieceError(NotImplementedError, ValueError):
+    """An operator asked for a piece it does not have (``adjoint`` of a non-linear operator, a missing ``pinv``).
+    A ``NotImplementedError`` by the protocol, and a ``ValueError`` like every other bad request in `gen`."""
+
+
+def _size2(size) -> tuple[int, int]:
+    """``(H, W)`` from a pair of positive integers (a mask or image size)."""
+    if isinstance(size, int) or not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
+        raise validate.ArgumentTypeError(f"size must be a pair (H, W) of positive integers; got "
+                                         f"{validate.describe(size)}")
+    return validate.integer("size[0] (H)", size[0], 1), validate.integer("size[1] (W)", size[1], 1)
 
 
 def _shape4(x_shape, what="image batch") -> tuple[int, int, int, int]:
@@ -63,17 +79,19 @@ class Operator:
 
     linear: bool = False
     exact_pinv: bool = False
+    # max |H(x)| over images x in [-1, 1] (None: no useful bound, e.g. Fourier magnitudes); used to refuse
+    # measurements in other units (such as [0, 255] pixels)
+    output_bound: float | None = 1.0
 
     def __init__(self, sigma_y: float = 0.0):
-        if not isinstance(sigma_y, (int, float)) or not math.isfinite(sigma_y) or sigma_y < 0:
-            raise ValueError(f"sigma_y must be a finite number >= 0; got {sigma_y!r}")
-        self.sigma_y = float(sigma_y)
+        self.sigma_y = validate.number("sigma_y", sigma_y, 0.0)
 
     # --- protocol -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = validate.tensor("x", x, ndim=4)
         self.measurement_shape(x.shape)
         return self.forward(x)
 
@@ -82,10 +100,10 @@ class Operator:
         return _shape4(x_shape)
 
     def adjoint(self, y: torch.Tensor, x_shape=None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is not linear: it has no adjoint")
+        raise MissingPieceError(f"{type(self).__name__} is not linear: it has no adjoint (see .linear)")
 
     def pinv(self, y: torch.Tensor, x_shape=None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no pseudo-inverse")
+        raise MissingPieceError(f"{type(self).__name__} has no pseudo-inverse (see .has_pinv; RED-Diff takes x_init=)")
 
     @property
     def has_pinv(self) -> bool:
@@ -97,7 +115,12 @@ class Operator:
         return 1.0
 
     def measure(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``y = H(x) + sigma_y * n``, ``n ~ N(0, I)`` drawn from ``generator`` (on the CPU, then moved)."""
+        """``y = H(x) + sigma_y * n``, ``n ~ N(0, I)`` drawn from ``generator`` (on the CPU, then moved).
+
+        ``x``: images ``[B, C, H, W]`` in [-1, 1] (a tensor or numpy array; uint8 or [0, 255] data is refused; the
+        check is loose, |x| <= 10, so that Gaussian test signals pass)."""
+        x = validate.image("x", x, (-1.0, 1.0), tolerance=9.0)
+        validate.generator("generator", generator, allow_list=False)
         with torch.no_grad():
             y = self(x)
             if self.sigma_y > 0:
@@ -114,12 +137,10 @@ class Operator:
 
     # --- checks -------------------------------------------------------------------------------------------------
     def check_measurement(self, y, x_shape) -> torch.Tensor:
-        """Validate a measurement for images of shape ``x_shape``: a float tensor of ``measurement_shape(x_shape)``
-        with finite values. Raises ``ValueError`` naming the problem."""
-        if not isinstance(y, torch.Tensor):
-            raise ValueError(f"measurement must be a torch.Tensor; got {type(y).__name__}")
-        if not y.is_floating_point():
-            raise ValueError(f"measurement must be a float tensor; got dtype {y.dtype}")
+        """Validate a measurement for images of shape ``x_shape``: a float tensor (or numpy array, converted) of
+        ``measurement_shape(x_shape)`` with finite values, within the operator's output range (plus noise) when it
+        has one. Returns it as a tensor; raises ``ValueError`` naming the problem."""
+        y = validate.tensor("measurement", y, finite=False)  # ArgumentTypeError naming a wrong type or dtype
         expected = self.measurement_shape(x_shape)
         if tuple(y.shape) != tuple(expected):
             raise ValueError(
@@ -128,6 +149,14 @@ class Operator:
             )
         if not torch.isfinite(y).all():
             raise ValueError("measurement contains NaN or inf values; only finite values are allowed")
+        bound = self.output_bound
+        if bound is not None and y.numel():
+            limit = bound + 0.5 + 8.0 * self.sigma_y
+            peak = float(y.abs().max())
+            if peak > limit:
+                raise ValueError(f"measurement values reach {peak:.4g}, but {type(self).__name__} of images in [-1, 1]"
+                                 f" stays within +-{bound:g} (+ noise sigma_y={self.sigma_y:g}); expected the units of"
+                                 " images in [-1, 1]" + (" (this looks like [0, 255] pixel data)" if peak > 2 else ""))
         return y
 
     def __repr__(self) -> str:
@@ -169,7 +198,8 @@ class Inpainting(Operator):
 
     def __init__(self, mask: torch.Tensor, sigma_y: float = 0.0):
         super().__init__(sigma_y)
-        mask = torch.as_tensor(mask)
+        if not isinstance(mask, torch.Tensor):
+            mask = validate.tensor("mask", mask, floating=False, finite=False)
         if mask.ndim == 2:
             mask = mask[None, None]
         elif mask.ndim == 3:
@@ -178,13 +208,17 @@ class Inpainting(Operator):
             raise ValueError(f"mask must be [H, W], [C, H, W] or [B, C, H, W]; got shape {tuple(mask.shape)}")
         mask = mask.float()
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask values must be 0 (missing) or 1 (observed)")
+            raise ValueError(f"mask values must be 0 (missing) or 1 (observed); got values in "
+                             f"[{float(mask.nan_to_num(float('nan')).min()):g}, {float(mask.max()):g}]"
+                             + (" and NaN" if bool(mask.isnan().any()) else ""))
         self.mask = mask
 
     @classmethod
     def box(cls, size, box_size: int, top: int | None = None, left: int | None = None, sigma_y: float = 0.0):
         """Remove a ``box_size x box_size`` square, centred unless ``top``/``left`` are given. ``size = (H, W)``."""
-        h, w = size
+        h, w = _size2(size)
+        box_size = validate.integer("box_size", box_size, 1)
+        top, left = validate.integer("top", top, 0, allow_none=True), validate.integer("left", left, 0, allow_none=True)
         if not 0 < box_size <= min(h, w):
             raise ValueError(f"box_size must be in 1..{min(h, w)}; got {box_size}")
         top = (h - box_size) // 2 if top is None else top
@@ -199,9 +233,10 @@ class Inpainting(Operator):
     def random_pixels(cls, size, missing: float, seed: int = 0, batch: int | None = None, sigma_y: float = 0.0):
         """Drop a fraction ``missing`` of pixels uniformly at random (exactly ``round(missing * H * W)`` per image),
         from ``torch.Generator().manual_seed(seed)``; one mask per image when ``batch`` is given."""
-        h, w = size
-        if not 0.0 <= missing < 1.0:
-            raise ValueError(f"missing must be in [0, 1); got {missing}")
+        h, w = _size2(size)
+        missing = validate.number("missing", missing, 0.0, 1.0, high_open=True)
+        seed = validate.integer("seed", seed)
+        batch = validate.integer("batch", batch, 1, allow_none=True)
         gen = torch.Generator().manual_seed(seed)
         n_drop = round(missing * h * w)
         masks = []
@@ -214,7 +249,7 @@ class Inpainting(Operator):
     @classmethod
     def half(cls, size, side: str = "right", sigma_y: float = 0.0):
         """Remove one half of the image: ``side`` in left, right, top, bottom."""
-        h, w = size
+        h, w = _size2(size)
         mask = torch.ones(h, w)
         if side == "right":
             mask[:, w // 2:] = 0
@@ -273,9 +308,7 @@ class SeparableLinear(Operator):
 
     def __init__(self, sigma_y: float = 0.0, rcond: float = 0.0):
         super().__init__(sigma_y)
-        if not 0.0 <= rcond < 1.0:
-            raise ValueError(f"rcond must be in [0, 1); got {rcond}")
-        self.rcond = float(rcond)
+        self.rcond = validate.number("rcond", rcond, 0.0, 1.0, high_open=True)
         self._cache: dict = {}
 
     def matrix(self, n: int) -> torch.Tensor:
@@ -345,11 +378,11 @@ class SuperResolution(SeparableLinear):
 
     def __init__(self, factor: int, kind: str = "avgpool", sigma_y: float = 0.0, rcond: float = 0.0):
         super().__init__(sigma_y, rcond)
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive integer; got {factor!r}")
-        if kind not in ("avgpool", "bicubic"):
-            raise ValueError(f"kind={kind!r}; allowed: avgpool, bicubic")
+        factor = validate.integer("factor", factor, 1)
+        validate.choice("kind", kind, ("avgpool", "bicubic"))
         self.factor, self.kind = factor, kind
+        if kind == "bicubic":
+            self.output_bound = 1.25  # the Keys kernel's negative lobes overshoot a little
 
     def matrix(self, n):
         f = self.factor
@@ -383,10 +416,10 @@ class GaussianBlur(SeparableLinear):
 
     def __init__(self, kernel_size: int = 5, blur_sigma: float = 1.0, sigma_y: float = 0.0, rcond: float = 0.0):
         super().__init__(sigma_y, rcond)
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        kernel_size = validate.integer("kernel_size", kernel_size, 1)
+        if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
-        if not blur_sigma > 0:
-            raise ValueError(f"blur_sigma must be > 0; got {blur_sigma}")
+        blur_sigma = validate.number("blur_sigma", blur_sigma, 0.0, low_open=True)
         self.kernel_size, self.blur_sigma = kernel_size, float(blur_sigma)
         r = kernel_size // 2
         g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / blur_sigma) ** 2)
@@ -415,10 +448,11 @@ def motion_blur_kernel(size: int = 9, intensity: float = 0.5, seed: int = 0) -> 
     spirit of Boracchi & Foi 2012); its points are splatted bilinearly on the grid and the result is centred on
     its centre of mass.
     """
-    if not isinstance(size, int) or size < 3 or size % 2 == 0:
-        raise ValueError(f"size must be an odd integer >= 3; got {size!r}")
-    if not 0.0 <= intensity <= 1.0:
-        raise ValueError(f"intensity must be in [0, 1]; got {intensity}")
+    size = validate.integer("kernel_size", size, 3)
+    if size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer >= 3; got {size!r}")
+    intensity = validate.number("intensity", intensity, 0.0, 1.0)
+    seed = validate.integer("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     n_pts = 64
     length = (0.4 + 0.6 * intensity) * (size - 1)
@@ -459,12 +493,12 @@ class MotionBlur(Operator):
     def __init__(self, kernel_size: int = 9, intensity: float = 0.5, seed: int = 0, kernel: torch.Tensor | None = None,
                  sigma_y: float = 0.0, rcond: float = 0.0):
         super().__init__(sigma_y)
-        if not 0.0 <= rcond < 1.0:
-            raise ValueError(f"rcond must be in [0, 1); got {rcond}")
-        self.rcond = float(rcond)
+        self.rcond = validate.number("rcond", rcond, 0.0, 1.0, high_open=True)
         if kernel is None:
             kernel = motion_blur_kernel(kernel_size, intensity, seed)
-        kernel = torch.as_tensor(kernel, dtype=torch.float64)
+        kernel = validate.tensor("kernel", kernel).to(torch.float64)
+        if float(kernel.sum()) <= 0 or bool((kernel < 0).any()):
+            raise ValueError("kernel must be non-negative with a positive sum (a blur kernel)")
         if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
             raise ValueError(f"kernel must be a square [k, k] tensor with odd k; got shape {tuple(kernel.shape)}")
         self.kernel = kernel
@@ -522,7 +556,7 @@ class Colorization(Operator):
 
     def __init__(self, channels: int = 3, sigma_y: float = 0.0):
         super().__init__(sigma_y)
-        self.channels = int(channels)
+        self.channels = validate.integer("channels", channels, 1)
 
     def measurement_shape(self, x_shape):
         b, c, h, w = _shape4(x_shape)
@@ -549,12 +583,11 @@ class PhaseRetrieval(Operator):
     """
 
     exact_pinv = False
+    output_bound = None  # |FFT| grows with the image size
 
     def __init__(self, oversample: float = 2.0, sigma_y: float = 0.0):
         super().__init__(sigma_y)
-        if not oversample >= 1.0:
-            raise ValueError(f"oversample must be >= 1; got {oversample}")
-        self.oversample = float(oversample)
+        self.oversample = validate.number("oversample", oversample, 1.0, 8.0)
 
     def _pads(self, h, w):
         ph, pw = round((self.oversample - 1) * h / 2), round((self.oversample - 1) * w / 2)
@@ -587,9 +620,7 @@ class HDR(Operator):
 
     def __init__(self, scale: float = 2.0, sigma_y: float = 0.0):
         super().__init__(sigma_y)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0; got {scale}")
-        self.scale = float(scale)
+        self.scale = validate.number("scale", scale, 0.0, low_open=True)
 
     def forward(self, x):
         return (self.scale * x).clamp(-1, 1)
@@ -619,7 +650,10 @@ class Compose(Operator):
         self.operators = operators
         self.linear = all(op.linear for op in operators)
         self.exact_pinv = self.linear
-        self.cg_iters, self.cg_tol = int(cg_iters), float(cg_tol)
+        bounds = [op.output_bound for op in operators]
+        self.output_bound = None if None in bounds else math.prod(max(b, 1.0) for b in bounds)
+        self.cg_iters = validate.integer("cg_iters", cg_iters, 1)
+        self.cg_tol = validate.number("cg_tol", cg_tol, 0.0)
 
     @property
     def has_pinv(self) -> bool:
@@ -641,7 +675,7 @@ class Compose(Operator):
 
     def adjoint(self, y, x_shape=None):
         if not self.linear:
-            raise NotImplementedError("Compose of non-linear operators has no adjoint")
+            raise MissingPieceError("Compose of non-linear operators has no adjoint (see .linear)")
         if x_shape is None:
             raise ValueError("Compose.adjoint needs x_shape (the image shape)")
         shapes = self._shapes(x_shape)

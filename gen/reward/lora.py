@@ -132,15 +132,28 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict]:
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ValueError(f"no LoRA weights at {str(path)!r} (expected {LORA_WEIGHT_NAME})")
-    sd = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+    try:
+        sd = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for truncated/corrupt files
+        raise ValueError(f"LoRA file {str(path)!r} is corrupt or truncated (not a readable safetensors file: "
+                         f"{err})") from None
     meta = {}
     if raw:
-        meta = {k.removeprefix(f"{PREFIX}."): v for k, v in json.loads(raw).items() if k.startswith(f"{PREFIX}.")}
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"LoRA file {str(path)!r}: its {METADATA_KEY} metadata is not JSON ({err})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"LoRA file {str(path)!r}: its {METADATA_KEY} metadata is not a JSON object")
+        meta = {k.removeprefix(f"{PREFIX}."): v for k, v in parsed.items() if k.startswith(f"{PREFIX}.")}
     unet_sd = {k.removeprefix(f"{PREFIX}."): v for k, v in sd.items() if k.startswith(f"{PREFIX}.")}
     if not unet_sd:
         raise ValueError(f"{str(path)!r} holds no '{PREFIX}.' LoRA weights")
+    for key, value in unet_sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"LoRA file {str(path)!r}: {PREFIX}.{key} holds NaN/inf values; the file is corrupt")
     if "r" not in meta:  # no metadata: rank from the weights, alpha = rank (diffusers' convention)
         a = next(v for k, v in unet_sd.items() if k.endswith("lora_A.weight"))
         meta = {"r": a.shape[0], "lora_alpha": a.shape[0],
@@ -153,9 +166,12 @@ def load_lora_into_unet(unet: nn.Module, path, adapter_name: str = "default") ->
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     sd, meta = read_lora(path)
-    cfg = LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__})
-    inject_adapter_in_model(cfg, unet, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
+    try:
+        cfg = LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__})
+        inject_adapter_in_model(cfg, unet, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:  # a config or tensor shape that does not fit
+        raise ValueError(f"LoRA file {str(path)!r} does not fit this {type(unet).__name__}: {err}") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"LoRA file {str(path)!r} has keys that match no module: {unexpected[:4]}")
