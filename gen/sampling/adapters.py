@@ -88,6 +88,18 @@ class ModelAdapter:
     def dtype(self):
         return getattr(self.net, "dtype", None)
 
+    def check_condition(self, prompt=None, class_labels=None) -> None:
+        """``ValueError`` for a condition of the wrong kind: a prompt given to a class-conditional (or unconditional)
+        network, or class labels given to a text-conditional one."""
+        name = type(self.net).__name__
+        if self.conditioning_kind == "text" and class_labels is not None:
+            raise ValueError(f"class_labels given, but {name} ({self.family}) is a text-conditional model: give "
+                             "prompt (or prompt_embeds), not class_labels")
+        if self.conditioning_kind != "text" and prompt is not None:
+            what = "class_labels" if self.conditioning_kind == "class" else "no condition"
+            raise ValueError(f"prompt given, but {name} ({self.family}) has no text encoder input: give {what}, "
+                             "not prompt")
+
     @property
     def config(self):
         return self.net.config
@@ -142,7 +154,11 @@ class DiTAdapter(ModelAdapter):
         return int(self.net.config.num_embeds_ada_norm)
 
     @property
-    def null_class(self) -> int:
+    def null_class(self) -> int | None:
+        """``num_classes``, the row DiT's label embedding adds for label dropout (None if a table lacks it)."""
+        table = _dit_label_table(self.net)
+        if table is not None and table.num_embeddings <= self.num_classes:
+            return None
         return self.num_classes
 
     def __call__(self, x_in, timestep, class_labels=None):
@@ -153,8 +169,19 @@ class DiTAdapter(ModelAdapter):
         return out[:, :c] if out.shape[1] == 2 * c else out
 
     def class_conditioning(self, labels: torch.Tensor) -> Conditioning:
-        return Conditioning(cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels,
-                                                                                                  self.null_class)})
+        """Labels ``[B]`` long in ``0 .. num_classes - 1``; the unconditional branch is the null class (none when the
+        network has no null row, so guidance is then a ``ValueError`` in the core)."""
+        null = self.null_class
+        uncond = None if null is None else {"class_labels": torch.full_like(labels, null)}
+        return Conditioning(cond={"class_labels": labels}, uncond=uncond)
+
+
+def _dit_label_table(net):
+    # the first block's AdaLayerNormZero holds DiT's CombinedTimestepLabelEmbeddings
+    try:
+        return net.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 class UNetTextAdapter(ModelAdapter):
