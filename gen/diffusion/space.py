@@ -87,6 +87,10 @@ class PredictionSpace:
     def frame(self, x: torch.Tensor, timestep) -> Frame:
         raise NotImplementedError
 
+    def prepare(self, timesteps, like: torch.Tensor) -> None:
+        """Optional: precompute what the frames of a run at ``timesteps`` need (the core calls it once per run,
+        before the loop). Must not change any value a frame gives; the default does nothing."""
+
 
 class DiffusionFrame(Frame):
     """A frame of a Diffusers scheduler: ``x_in = scheduler.scale_model_input(x, t)``, conversions with
@@ -127,9 +131,33 @@ class DiffusionSpace(PredictionSpace):
             abar = scheduler.alphas_cumprod.to(torch.float64).cpu()
             self._karras = ((1.0 - abar) / abar).sqrt()
         self._scale = getattr(scheduler, "scale_model_input", None)
+        self._cache: dict = {}   # (t, ndim, dtype, device) -> (alpha, sigma), filled by prepare()
+
+    def prepare(self, timesteps, like: torch.Tensor) -> None:
+        """``(alpha_t, sigma_t)`` of every timestep of a run in one vectorised computation (elementwise the same
+        float64 operations, then the same cast, as :meth:`alpha_sigma` does per timestep), so that each step of the
+        loop only looks them up."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        alpha, sigma = self._alpha_sigma64(t)
+        alpha = alpha.to(device=like.device, dtype=like.dtype)
+        sigma = sigma.to(device=like.device, dtype=like.dtype)
+        shape = (1,) * like.ndim
+        for i, value in enumerate(t.tolist()):
+            self._cache[(value, like.ndim, like.dtype, like.device)] = (alpha[i].reshape(shape),
+                                                                         sigma[i].reshape(shape))
 
     def alpha_sigma(self, timestep, like: torch.Tensor):
+        if not torch.is_tensor(timestep) or timestep.numel() == 1:
+            hit = self._cache.get((float(timestep), like.ndim, like.dtype, like.device))
+            if hit is not None:
+                return hit
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        alpha, sigma = self._alpha_sigma64(t)
+        return (_rows(alpha, like.ndim).to(device=like.device, dtype=like.dtype),
+                _rows(sigma, like.ndim).to(device=like.device, dtype=like.dtype))
+
+    def _alpha_sigma64(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` float64 timesteps on the CPU -> ``(alpha, sigma)``, each ``[N]`` float64."""
         if self.flow:
             s = t / float(self.scheduler.config.num_train_timesteps)
             if (s < 0).any() or (s > 1).any():
@@ -144,8 +172,7 @@ class DiffusionSpace(PredictionSpace):
             s = k[lo] + (t - lo) * (k[hi] - k[lo])
             norm = (1.0 + s**2).sqrt()
             alpha, sigma = 1.0 / norm, s / norm
-        return (_rows(alpha, like.ndim).to(device=like.device, dtype=like.dtype),
-                _rows(sigma, like.ndim).to(device=like.device, dtype=like.dtype))
+        return alpha, sigma
 
     def frame(self, x, timestep):
         x_in = self._scale(x, timestep) if self._scale is not None else x

@@ -40,10 +40,22 @@ class Conditioning:
 
     cond: dict = field(default_factory=dict)
     uncond: dict | None = None
+    _both: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def has_uncond(self) -> bool:
         return self.uncond is not None
+
+    def both(self) -> dict:
+        """``cat_inputs(cond, uncond)``: the inputs of a call on every row of both branches, concatenated once and
+        reused while the two dicts hold the same objects (a guided step would otherwise copy the prompt embeddings,
+        ``[2B, L, D]``, at every step)."""
+        key = [*self.cond.items(), *self.uncond.items()]   # the objects themselves, compared by identity
+        old = self._both
+        if old is None or len(old[0]) != len(key) or any(a[0] != b[0] or a[1] is not b[1]
+                                                        for a, b in zip(old[0], key)):
+            self._both = old = (key, cat_inputs(self.cond, self.uncond))
+        return old[1]
 
 
 def select_rows(inputs: dict, rows: torch.Tensor, batch: int) -> dict:

@@ -99,9 +99,15 @@ def _guider_step_index(loop_index: int, num_inference_steps: int, num_timesteps:
     return min(loop_index * num_inference_steps // max(num_timesteps, 1), num_inference_steps - 1)
 
 
+_UNSET = object()
+
+
 def evaluate(adapter: ModelAdapter, frame: Frame, t, conditioning: Conditioning, cond_rows, uncond_rows,
-             grad: bool = True, use_checkpoint: bool = False):
+             grad: bool = True, use_checkpoint: bool = False, dtype=_UNSET):
     """One network call on the conditional rows ``cond_rows`` and the unconditional rows ``uncond_rows`` ([B] bool).
+
+    ``dtype``: the network's dtype (inputs are cast to it); read from the adapter when not given (for Diffusers
+    models that walks every submodule, so the loop reads it once per run).
 
     Returns ``(raw_c, raw_u, n_rows)``: full-batch outputs where rows that were not evaluated hold the other
     branch's values (``raw_u`` is None when no unconditional row ran).
@@ -118,10 +124,16 @@ def evaluate(adapter: ModelAdapter, frame: Frame, t, conditioning: Conditioning,
         xs.append(x_in if n_u == b else x_in[uncond_rows])
         parts.append(conditioning.uncond if n_u == b else select_rows(conditioning.uncond, uncond_rows, b))
     x_all = xs[0] if len(xs) == 1 else torch.cat(xs)
-    dtype = adapter.dtype
+    if dtype is _UNSET:
+        dtype = adapter.dtype
     if dtype is not None and x_all.is_floating_point() and x_all.dtype != dtype:
         x_all = x_all.to(dtype)
-    inputs = parts[0] if len(parts) == 1 else cat_inputs(parts[0], parts[1])
+    if len(parts) == 1:
+        inputs = parts[0]
+    elif all_c and n_u == b:
+        inputs = conditioning.both()
+    else:
+        inputs = cat_inputs(parts[0], parts[1])
 
     def call(x, *values):
         return adapter(x, t, **dict(zip(keys, values)))
@@ -219,6 +231,11 @@ def denoise(
     if keep_grad is not None and len(keep_grad) != n_t:
         raise ValueError(f"keep_grad has {len(keep_grad)} entries; expected one per timestep ({n_t})")
     x = latents
+    # once per run, not per step: the network's dtype and the frames' schedule coefficients
+    net_dtype = adapter.dtype
+    prepare = getattr(space, "prepare", None)
+    if callable(prepare):
+        prepare(timesteps, x)
     b = x.shape[0]
     guider.begin(b, int(num_inference_steps))
     if hook is not None:
@@ -241,7 +258,7 @@ def denoise(
                 raise ValueError(f"{type(guider).__name__} needs an unconditional branch, but this model has none "
                                  "(an unconditional or bridge network, or no null class/prompt)")
             raw_c, raw_u, n = evaluate(adapter, frame, t, conditioning, mask_c, mask_u, grad=keep or need_grad,
-                                       use_checkpoint=gradient_checkpointing and keep)
+                                       use_checkpoint=gradient_checkpointing and keep, dtype=net_dtype)
             rows += n
             lin, x0_hat = guided_output(frame, guider, info, raw_c, raw_u, need_x0=hook is not None)
             raw = frame.to_scheduler(lin)
