@@ -76,8 +76,11 @@ class Frame:
         """
         alpha, sigma = self.alpha_sigma()
         alpha, sigma = alpha.to(x0_hat.dtype), sigma.to(x0_hat.dtype)
-        safe = torch.where(sigma == 0, torch.ones_like(sigma), sigma)
-        eps_hat = torch.where(sigma == 0, cond_eps, (self.point - alpha * x0_hat) / safe)
+        zero = sigma == 0
+        if not bool(zero.any()):   # the usual case: no masking needed (same values, two full-size ops fewer)
+            return self.from_x0_eps(x0_hat, (self.point - alpha * x0_hat) / sigma)
+        safe = torch.where(zero, torch.ones_like(sigma), sigma)
+        eps_hat = torch.where(zero, cond_eps, (self.point - alpha * x0_hat) / safe)
         return self.from_x0_eps(x0_hat, eps_hat)
 
 
