@@ -184,10 +184,10 @@ def bench_family(name: str, args) -> list[dict]:
     for size in args.sizes:
         ours, ref, net, kw = _family(name, size)
 
-        def run_ours():
+        def run_ours(ours=ours, kw=kw):
             return ours(**kw, num_inference_steps=args.steps, generator=_gen()).images
 
-        def run_ref():
+        def run_ref(ref=ref, kw=kw):
             return ref(**kw, num_inference_steps=args.steps, generator=_gen()).images
 
         rows.append(_pair(f"{type(ours).__name__} vs {type(ref).__name__}", net, run_ours, run_ref, args.repeats,
@@ -257,7 +257,8 @@ def demo_section(out: Path, args) -> dict:
             res = ours(**kw, num_inference_steps=10, guider=guider, generator=_gen(seed))
             images = torch.as_tensor(np.asarray(res.images.cpu() if torch.is_tensor(res.images) else res.images))
             row[gname] = {"nfe": res.nfe, "wall_s": round(time.perf_counter() - t0, 3),
-                          "mean_abs": round(float(images.abs().mean()), 5), "finite": bool(torch.isfinite(images).all())}
+                          "mean_abs": round(float(images.abs().mean()), 5),
+                          "finite": bool(torch.isfinite(images).all())}
         diffusers_out = ref(**kw, num_inference_steps=10, guidance_scale=5.0, generator=_gen(seed)).images
         cfg_out = ours(**kw, num_inference_steps=10, guidance_scale=5.0, generator=_gen(seed)).images
         row["cfg_vs_diffusers_max_abs_diff"] = _max_diff(cfg_out, diffusers_out)
