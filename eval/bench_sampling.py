@@ -17,7 +17,8 @@ calls: the script checks that both evaluate the same number of rows and give the
 
 Timing: the two runs of a pair alternate (ABBA order), ``--repeats`` times after a warm-up; the overhead is the
 ratio of the medians minus 1, for wall-clock time and for the process's CPU time (less sensitive to other jobs on a
-shared machine). Writes JSON and prints markdown rows for BENCHMARKS.md.
+shared machine), plus the median of the paired per-repeat CPU ratios with a bootstrap 95 % interval. Writes JSON and
+prints markdown rows for BENCHMARKS.md.
 
 ``demo_section(out, args)`` is the `make demo` part: each tiny family with CFG and APG, JSON only.
 """
@@ -79,12 +80,17 @@ def interleaved(run_a, run_b, repeats: int) -> dict:
             cpu[name].append(time.process_time() - c0)
             wall[name].append(time.perf_counter() - w0)
     med = {f"{k}_{n}": statistics.median(v[n]) for k, v in (("wall", wall), ("cpu", cpu)) for n in "ab"}
+    paired_cpu = np.array(cpu["a"]) / np.array(cpu["b"])
+    boot = np.random.default_rng(0).choice(paired_cpu, size=(2000, len(paired_cpu)))
+    lo, hi = np.percentile(np.median(boot, axis=1), [2.5, 97.5])
     return {"repeats": repeats,
             "a_wall_median_s": round(med["wall_a"], 5), "b_wall_median_s": round(med["wall_b"], 5),
             "a_cpu_median_s": round(med["cpu_a"], 5), "b_cpu_median_s": round(med["cpu_b"], 5),
             "overhead_wall": round(med["wall_a"] / med["wall_b"] - 1, 4),
             "overhead_cpu": round(med["cpu_a"] / med["cpu_b"] - 1, 4),
             "paired_ratio_median_wall": round(statistics.median(a / b for a, b in zip(wall["a"], wall["b"])) - 1, 4),
+            "paired_ratio_median_cpu": round(float(np.median(paired_cpu)) - 1, 4),
+            "paired_ratio_cpu_ci95": [round(float(lo) - 1, 4), round(float(hi) - 1, 4)],
             "wall_a_s": [round(t, 4) for t in wall["a"]], "wall_b_s": [round(t, 4) for t in wall["b"]]}
 
 
@@ -304,12 +310,15 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
-    print("| pair | size | ms / network call | ours median (s) | reference median (s) | overhead (wall) | "
-          "overhead (CPU time) | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pair | size | ms / network call | ours / ref wall median (s) | overhead (wall) "
+          "| ours / ref CPU median (s) | overhead (CPU) | paired CPU ratio, 95 % CI | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        print(f"| {r['pair']} | {r.get('size', '-')} | {r['ms_per_network_call']} | {r['a_wall_median_s']:.4f} | "
-              f"{r['b_wall_median_s']:.4f} | {100 * r['overhead_wall']:+.2f} % | {100 * r['overhead_cpu']:+.2f} % | "
+        lo, hi = r["paired_ratio_cpu_ci95"]
+        print(f"| {r['pair']} | {r.get('size', '-')} | {r['ms_per_network_call']} | {r['a_wall_median_s']:.4f} / "
+              f"{r['b_wall_median_s']:.4f} | {100 * r['overhead_wall']:+.2f} % | {r['a_cpu_median_s']:.4f} / "
+              f"{r['b_cpu_median_s']:.4f} | {100 * r['overhead_cpu']:+.2f} % | "
+              f"{100 * r['paired_ratio_median_cpu']:+.2f} % ({100 * lo:+.2f} .. {100 * hi:+.2f}) | "
               f"{r['max_abs_diff']:.2g} |")
     return result
 

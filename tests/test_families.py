@@ -332,3 +332,29 @@ def test_round_trip_callback_and_loading_errors(families, family, tmp_path):
         pipe(guider=guider, guidance_scale=3.0, **kw)
     with pytest.raises(ValueError, match="does not exist"):
         cls.from_pretrained(str(tmp_path / "missing"))
+
+
+# --- what the core caches per run or per network gives the values it replaces ----------------------------------
+def test_core_caches_follow_changes(sd3_parts):
+    from gen.diffusion.space import prediction_space
+    from gen.sampling import Conditioning, adapter_for
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    cond = Conditioning(cond={"e": a, "k": 1}, uncond={"e": b, "k": 1})
+    assert torch.equal(cond.both()["e"], torch.cat([a, b])) and cond.both() is cond.both()
+    cond.cond["e"] = c = torch.randn(2, 3)   # a new tensor: concatenated again
+    assert torch.equal(cond.both()["e"], torch.cat([c, b]))
+
+    net = build_tiny_dit(0)["transformer"]
+    assert adapter_for(net).dtype == torch.float32
+    net.to(torch.float64)                    # the remembered dtype follows .to()
+    assert adapter_for(net).dtype == torch.float64
+
+    for scheduler in (sd3_parts["scheduler"], build_tiny_dit(0)["scheduler"]):
+        scheduler.set_timesteps(7)
+        x = torch.randn(2, 4, 8, 8)
+        fresh, prepared = prediction_space(scheduler), prediction_space(scheduler)
+        prepared.prepare(scheduler.timesteps, x)
+        for t in scheduler.timesteps:        # precomputed coefficients are bit-identical to per-step ones
+            for u, v in zip(fresh.alpha_sigma(t, x), prepared.alpha_sigma(t, x)):
+                assert torch.equal(u, v)
