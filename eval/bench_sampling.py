@@ -1,7 +1,7 @@
 """Sampling overhead of `gen`'s pipelines against Diffusers' own on the same network calls, and APG against CFG.
 
     python eval/bench_sampling.py --out outputs/bench_sampling.json [--sections ddim sdxl sd3 dit apg]
-        [--sizes small medium] [--repeats 11]
+        [--sizes small medium] [--repeats 11] [--demo_out DIR]
 
 Sections (each pair of pipelines shares one network, scheduler, seed and step count, and makes the same network
 calls: the script checks that both evaluate the same number of rows and give the same output):
@@ -20,7 +20,8 @@ ratio of the medians minus 1, for wall-clock time and for the process's CPU time
 shared machine), plus the median of the paired per-repeat CPU ratios with a bootstrap 95 % interval. Writes JSON and
 prints markdown rows for BENCHMARKS.md.
 
-``demo_section(out, args)`` is the `make demo` part: each tiny family with CFG and APG, JSON only.
+``demo_section(out, args)`` is the `make demo` part: each tiny family with CFG and APG, JSON only (``--demo_out DIR``
+runs it from the command line).
 """
 
 from __future__ import annotations
@@ -292,6 +293,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ddim_steps", type=int, default=25)
     p.add_argument("--apg_steps", type=int, default=20)
     p.add_argument("--out", default="outputs/bench_sampling.json")
+    p.add_argument("--demo_out", default=None, help="also run the demo section, writing families_demo.json here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo section")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         raise ValueError(f"--repeats and --steps must be >= 1; got {args.repeats}, {args.steps}")
@@ -307,6 +310,8 @@ def main(argv=None) -> dict:
             result["rows"] += bench_apg(args)
         else:
             result["rows"] += bench_family(section, args)
+    if args.demo_out:
+        result["demo"] = demo_section(Path(args.demo_out), args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -355,6 +355,36 @@ def test_core_caches_follow_changes(sd3_parts):
         x = torch.randn(2, 4, 8, 8)
         fresh, prepared = prediction_space(scheduler), prediction_space(scheduler)
         prepared.prepare(scheduler.timesteps, x)
+        x0, eps = torch.randn_like(x), torch.randn_like(x)
         for t in scheduler.timesteps:        # precomputed coefficients are bit-identical to per-step ones
             for u, v in zip(fresh.alpha_sigma(t, x), prepared.alpha_sigma(t, x)):
                 assert torch.equal(u, v)
+            f, g = fresh.frame(x, t), prepared.frame(x, t)
+            assert torch.equal(f.sigma_ratio(), g.sigma_ratio())
+            assert torch.equal(f.from_guided_x0(x0, x0, eps), g.from_guided_x0(x0, x0, eps))
+
+
+def test_bench_sampling_script_smoke(tmp_path):
+    """eval/bench_sampling.py as a user runs it (a subprocess): one tiny pair, one repeat, and the demo section."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, str(root / "eval" / "bench_sampling.py"), "--sections", "dit", "--sizes", "small",
+           "--repeats", "1", "--steps", "1", "--out", str(out), "--demo_out", str(tmp_path / "demo")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert row["pair"] == "GuidedDiTPipeline vs DiTPipeline" and row["max_abs_diff"] <= 1e-5
+    assert row["rows_ours"] == row["rows_ref"] == 2 * len([1, 207, 360, 999]) and row["a_cpu_median_s"] > 0
+    demo = json.loads((tmp_path / "demo" / "families_demo.json").read_text())["families"]
+    assert set(demo) == {"GuidedStableDiffusionXLPipeline", "GuidedStableDiffusion3Pipeline", "GuidedDiTPipeline"}
+    for fam in demo.values():
+        assert fam["cfg"]["nfe"] == fam["apg"]["nfe"] == 20 and fam["apg"]["finite"]
+        assert fam["cfg_vs_diffusers_max_abs_diff"] <= 1e-5

@@ -102,11 +102,29 @@ class DiffusionFrame(Frame):
     def __init__(self, space: DiffusionSpace, x, timestep, x_in):
         self.space, self.x, self.timestep, self.x_in = space, x, timestep, x_in
         self._as = None
+        self._level = False   # (sigma / alpha as [1] float32, sigma == 0) from the space's run table; None if absent
 
     def alpha_sigma(self):
         if self._as is None:
             self._as = self.space.alpha_sigma(self.timestep, self.x_in)
         return self._as
+
+    def _levels(self):
+        if self._level is False:
+            self._level = self.space.levels(self.timestep, self.x_in)
+        return self._level
+
+    def sigma_ratio(self):
+        level = self._levels()
+        return super().sigma_ratio() if level is None else level[0].expand(self.x.shape[0])
+
+    def from_guided_x0(self, x0_hat, cond_x0, cond_eps):
+        level = self._levels()
+        if level is None or level[1]:   # unknown, or sigma = 0: the general rule
+            return super().from_guided_x0(x0_hat, cond_x0, cond_eps)
+        alpha, sigma = self.alpha_sigma()
+        alpha, sigma = alpha.to(x0_hat.dtype), sigma.to(x0_hat.dtype)
+        return self.from_x0_eps(x0_hat, (self.point - alpha * x0_hat) / sigma)
 
     def to_x0_eps(self, lin):
         alpha, sigma = self.alpha_sigma()
@@ -135,6 +153,7 @@ class DiffusionSpace(PredictionSpace):
             self._karras = ((1.0 - abar) / abar).sqrt()
         self._scale = getattr(scheduler, "scale_model_input", None)
         self._cache: dict = {}   # (t, ndim, dtype, device) -> (alpha, sigma), filled by prepare()
+        self._levels: dict = {}  # same keys -> (sigma / alpha [1] float32, sigma == 0)
 
     def prepare(self, timesteps, like: torch.Tensor) -> None:
         """``(alpha_t, sigma_t)`` of every timestep of a run in one vectorised computation (elementwise the same
@@ -145,9 +164,19 @@ class DiffusionSpace(PredictionSpace):
         alpha = alpha.to(device=like.device, dtype=like.dtype)
         sigma = sigma.to(device=like.device, dtype=like.dtype)
         shape = (1,) * like.ndim
+        zero = (sigma == 0).tolist()
         for i, value in enumerate(t.tolist()):
-            self._cache[(value, like.ndim, like.dtype, like.device)] = (alpha[i].reshape(shape),
-                                                                         sigma[i].reshape(shape))
+            key = (value, like.ndim, like.dtype, like.device)
+            a, s = alpha[i].reshape(shape), sigma[i].reshape(shape)
+            self._cache[key] = (a, s)
+            self._levels[key] = ((s / a).reshape(-1).float(), zero[i])   # as Frame.sigma_ratio computes it
+
+    def levels(self, timestep, like: torch.Tensor):
+        """``(sigma / alpha`` as a ``[1]`` float32 tensor, ``sigma == 0)`` at ``timestep`` from :meth:`prepare`'s
+        table, or None when it has no entry."""
+        if torch.is_tensor(timestep) and timestep.numel() != 1:
+            return None
+        return self._levels.get((float(timestep), like.ndim, like.dtype, like.device))
 
     def alpha_sigma(self, timestep, like: torch.Tensor):
         if not torch.is_tensor(timestep) or timestep.numel() == 1:
