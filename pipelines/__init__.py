@@ -11,8 +11,13 @@ __all__ = [
     "ClassConditionalPipeline",
     "ClassConditionalPipelineOutput",
     "GBMPipeline",
+    "GuidedDiTPipeline",
+    "GuidedSD3PipelineOutput",
+    "GuidedSDXLPipelineOutput",
+    "GuidedStableDiffusion3Pipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionPipelineOutput",
+    "GuidedStableDiffusionXLPipeline",
     "InterpolantPipeline",
     "InterpolantPipelineOutput",
     "InverseProblemPipelineOutput",
@@ -25,11 +30,24 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The Stable Diffusion pipeline pulls in transformers: import it only when asked for.
+    # The text-to-image pipelines pull in transformers (and DiT's the Diffusers DiT module): import them only when
+    # asked for.
     if name in ("GuidedStableDiffusionPipeline", "GuidedStableDiffusionPipelineOutput"):
         from . import guided_sd
 
         return getattr(guided_sd, name)
+    if name in ("GuidedStableDiffusionXLPipeline", "GuidedSDXLPipelineOutput"):
+        from . import guided_sdxl
+
+        return getattr(guided_sdxl, name)
+    if name in ("GuidedStableDiffusion3Pipeline", "GuidedSD3PipelineOutput"):
+        from . import guided_sd3
+
+        return getattr(guided_sd3, name)
+    if name == "GuidedDiTPipeline":
+        from . import guided_dit
+
+        return guided_dit.GuidedDiTPipeline
     if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
         from . import lora
 

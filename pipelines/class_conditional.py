@@ -26,7 +26,6 @@ from gen.diffusion import SCHEDULERS, make_scheduler
 from gen.sampling import ClassUNetAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
     check_class_names,
-    check_conditioning_kind,
     check_eta,
     check_generator,
     check_noise_scheduler,
@@ -172,7 +171,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             ``ClassConditionalPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``; ``nfe`` is the mean number
             of network evaluations per image (AG makes it fractional).
         """
-        check_conditioning_kind("class", prompt=prompt)
+        self.adapter.check_condition(prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps, train_steps(self.scheduler))

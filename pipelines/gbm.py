@@ -20,7 +20,6 @@ from gen.gbm import GBM_SAMPLERS, GBMScheduler
 from gen.sampling import denoise
 from gen.sampling.pipeline import (
     ArgumentTypeError,
-    check_conditioning_kind,
     check_generator,
     check_latents,
     check_output_type,
@@ -87,7 +86,7 @@ class GBMPipeline(ClassConditionalPipeline):
             ``ClassConditionalPipelineOutput(images, nfe)``.
         """
         validate.choice("sampler", sampler, GBM_SAMPLERS, allow_none=True)
-        check_conditioning_kind("class", prompt=prompt)
+        self.adapter.check_condition(prompt=prompt)
         labels, batch = self._class_tensor(class_labels, batch_size)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)  # the GBM grid names its own limit

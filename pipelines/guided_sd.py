@@ -19,7 +19,6 @@ from gen import validate
 from gen.guidance import Guider
 from gen.sampling import Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
-    check_conditioning_kind,
     check_eta,
     check_generator,
     check_latents,
@@ -77,9 +76,9 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guider: Guider | None = None,
+        class_labels=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        class_labels=None,
     ):
         """Generate images from text.
 
@@ -88,11 +87,13 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
             latents, prompt_embeds, negative_prompt_embeds, output_type: as in ``StableDiffusionPipeline``.
             guidance_scale: CFG weight when no guider is given (default 7.5).
             guider: a ``gen.guidance.Guider``; reset at the start of every call.
+            class_labels: not accepted (a ``ValueError``): Stable Diffusion is text-conditional.
         Returns:
             ``GuidedStableDiffusionPipelineOutput(images, nfe)`` or a tuple ``(images, nfe)``.
         """
         # 0. arguments
-        check_conditioning_kind("text", class_labels=class_labels)
+        adapter = UNetTextAdapter(self.unet)
+        adapter.check_condition(prompt=prompt, class_labels=class_labels)
         guider = resolve_guider(guidance_scale, guider, default_scale=7.5)
         steps = check_steps(num_inference_steps, train_steps(self.scheduler))
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
@@ -141,7 +142,7 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
                                        generator, latents)
 
         # 3. the sampling core: guided prediction -> scheduler step
-        result = denoise(UNetTextAdapter(self.unet), self.scheduler, latents, steps, conditioning, guider,
+        result = denoise(adapter, self.scheduler, latents, steps, conditioning, guider,
                          step_kwargs=scheduler_step_kwargs(self.scheduler, eta, generator),
                          progress=self.progress_bar, on_step_end=on_step_end)
         latents, nfe = result.sample, result.nfe

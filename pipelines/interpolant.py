@@ -37,7 +37,6 @@ from gen.sampling.pipeline import (
     ArgumentTypeError,
     check_batch_size,
     check_class_names,
-    check_conditioning_kind,
     check_generator,
     check_output_type,
     check_steps,
@@ -167,7 +166,7 @@ class InterpolantPipeline(DiffusionPipeline):
         Returns:
             ``InterpolantPipelineOutput(images, nfe)`` or ``(images, nfe)``.
         """
-        check_conditioning_kind("class", prompt=prompt)
+        self.adapter.check_condition(prompt=prompt)
         guider = resolve_guider(guidance_scale, guider)
         steps = check_steps(num_inference_steps)
         check_output_type(output_type)

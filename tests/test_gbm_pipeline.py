@@ -15,7 +15,6 @@ from gen.gbm import GBMScheduler
 from gen.guidance import APG
 from gen.models.unet import tiny_unet
 from pipelines.gbm import GBMPipeline
-from tests.conftest import load_script
 
 A, B, OFFSET = math.log(3.0), 0.05, 3.0  # log x0 ~ N(log 3, 0.05^2): x0 in about [2.6, 3.5], inside [2, 4]
 

@@ -14,7 +14,6 @@ from gen.guidance import APG, CFG
 from gen.interpolants import InterpolantScheduler
 from gen.models.unet import tiny_unet
 from pipelines import InterpolantPipeline
-from tests.conftest import load_script
 
 
 def _pipe(**sched_kw):

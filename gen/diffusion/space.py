@@ -76,8 +76,11 @@ class Frame:
         """
         alpha, sigma = self.alpha_sigma()
         alpha, sigma = alpha.to(x0_hat.dtype), sigma.to(x0_hat.dtype)
-        safe = torch.where(sigma == 0, torch.ones_like(sigma), sigma)
-        eps_hat = torch.where(sigma == 0, cond_eps, (self.point - alpha * x0_hat) / safe)
+        zero = sigma == 0
+        if not bool(zero.any()):   # the usual case: no masking needed (same values, two full-size ops fewer)
+            return self.from_x0_eps(x0_hat, (self.point - alpha * x0_hat) / sigma)
+        safe = torch.where(zero, torch.ones_like(sigma), sigma)
+        eps_hat = torch.where(zero, cond_eps, (self.point - alpha * x0_hat) / safe)
         return self.from_x0_eps(x0_hat, eps_hat)
 
 
@@ -87,6 +90,10 @@ class PredictionSpace:
     def frame(self, x: torch.Tensor, timestep) -> Frame:
         raise NotImplementedError
 
+    def prepare(self, timesteps, like: torch.Tensor) -> None:
+        """Optional: precompute what the frames of a run at ``timesteps`` need (the core calls it once per run,
+        before the loop). Must not change any value a frame gives; the default does nothing."""
+
 
 class DiffusionFrame(Frame):
     """A frame of a Diffusers scheduler: ``x_in = scheduler.scale_model_input(x, t)``, conversions with
@@ -95,11 +102,29 @@ class DiffusionFrame(Frame):
     def __init__(self, space: DiffusionSpace, x, timestep, x_in):
         self.space, self.x, self.timestep, self.x_in = space, x, timestep, x_in
         self._as = None
+        self._level = False   # (sigma / alpha as [1] float32, sigma == 0) from the space's run table; None if absent
 
     def alpha_sigma(self):
         if self._as is None:
             self._as = self.space.alpha_sigma(self.timestep, self.x_in)
         return self._as
+
+    def _levels(self):
+        if self._level is False:
+            self._level = self.space.levels(self.timestep, self.x_in)
+        return self._level
+
+    def sigma_ratio(self):
+        level = self._levels()
+        return super().sigma_ratio() if level is None else level[0].expand(self.x.shape[0])
+
+    def from_guided_x0(self, x0_hat, cond_x0, cond_eps):
+        level = self._levels()
+        if level is None or level[1]:   # unknown, or sigma = 0: the general rule
+            return super().from_guided_x0(x0_hat, cond_x0, cond_eps)
+        alpha, sigma = self.alpha_sigma()
+        alpha, sigma = alpha.to(x0_hat.dtype), sigma.to(x0_hat.dtype)
+        return self.from_x0_eps(x0_hat, (self.point - alpha * x0_hat) / sigma)
 
     def to_x0_eps(self, lin):
         alpha, sigma = self.alpha_sigma()
@@ -127,9 +152,44 @@ class DiffusionSpace(PredictionSpace):
             abar = scheduler.alphas_cumprod.to(torch.float64).cpu()
             self._karras = ((1.0 - abar) / abar).sqrt()
         self._scale = getattr(scheduler, "scale_model_input", None)
+        self._cache: dict = {}   # (t, ndim, dtype, device) -> (alpha, sigma), filled by prepare()
+        self._levels: dict = {}  # same keys -> (sigma / alpha [1] float32, sigma == 0)
+
+    def prepare(self, timesteps, like: torch.Tensor) -> None:
+        """``(alpha_t, sigma_t)`` of every timestep of a run in one vectorised computation (elementwise the same
+        float64 operations, then the same cast, as :meth:`alpha_sigma` does per timestep), so that each step of the
+        loop only looks them up."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        alpha, sigma = self._alpha_sigma64(t)
+        alpha = alpha.to(device=like.device, dtype=like.dtype)
+        sigma = sigma.to(device=like.device, dtype=like.dtype)
+        shape = (1,) * like.ndim
+        zero = (sigma == 0).tolist()
+        for i, value in enumerate(t.tolist()):
+            key = (value, like.ndim, like.dtype, like.device)
+            a, s = alpha[i].reshape(shape), sigma[i].reshape(shape)
+            self._cache[key] = (a, s)
+            self._levels[key] = ((s / a).reshape(-1).float(), zero[i])   # as Frame.sigma_ratio computes it
+
+    def levels(self, timestep, like: torch.Tensor):
+        """``(sigma / alpha`` as a ``[1]`` float32 tensor, ``sigma == 0)`` at ``timestep`` from :meth:`prepare`'s
+        table, or None when it has no entry."""
+        if torch.is_tensor(timestep) and timestep.numel() != 1:
+            return None
+        return self._levels.get((float(timestep), like.ndim, like.dtype, like.device))
 
     def alpha_sigma(self, timestep, like: torch.Tensor):
+        if not torch.is_tensor(timestep) or timestep.numel() == 1:
+            hit = self._cache.get((float(timestep), like.ndim, like.dtype, like.device))
+            if hit is not None:
+                return hit
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        alpha, sigma = self._alpha_sigma64(t)
+        return (_rows(alpha, like.ndim).to(device=like.device, dtype=like.dtype),
+                _rows(sigma, like.ndim).to(device=like.device, dtype=like.dtype))
+
+    def _alpha_sigma64(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` float64 timesteps on the CPU -> ``(alpha, sigma)``, each ``[N]`` float64."""
         if self.flow:
             s = t / float(self.scheduler.config.num_train_timesteps)
             if (s < 0).any() or (s > 1).any():
@@ -144,8 +204,7 @@ class DiffusionSpace(PredictionSpace):
             s = k[lo] + (t - lo) * (k[hi] - k[lo])
             norm = (1.0 + s**2).sqrt()
             alpha, sigma = 1.0 / norm, s / norm
-        return (_rows(alpha, like.ndim).to(device=like.device, dtype=like.dtype),
-                _rows(sigma, like.ndim).to(device=like.device, dtype=like.dtype))
+        return alpha, sigma
 
     def frame(self, x, timestep):
         x_in = self._scale(x, timestep) if self._scale is not None else x

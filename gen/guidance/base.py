@@ -168,6 +168,12 @@ class Guider(ConfigMixin):
         :meth:`linear_weight`). A guider with a linear weight that keeps no state returns False."""
         return True
 
+    def is_static(self) -> bool:
+        """True when the masks and :meth:`linear_weight` are the same at every step of a run and depend on nothing
+        but the batch (CFG). The sampling core then asks for them once per run, when the guider also needs no
+        predictions."""
+        return False
+
     def __call__(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         """The guided ``x0`` ``[B, ...]`` in ``cond.x0``'s dtype.
 

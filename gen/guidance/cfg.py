@@ -39,6 +39,9 @@ class CFG(Guider):
     def needs_predictions(self, info: StepInfo) -> bool:
         return False
 
+    def is_static(self) -> bool:
+        return True
+
     def _guide(self, cond: Prediction, uncond: Prediction | None, info: StepInfo) -> torch.Tensor:
         if self.guidance_scale == 1.0:
             return cond.x0

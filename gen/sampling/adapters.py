@@ -22,6 +22,7 @@ network                  family                          inputs                 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,10 +41,25 @@ class Conditioning:
 
     cond: dict = field(default_factory=dict)
     uncond: dict | None = None
+    _both: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def has_uncond(self) -> bool:
         return self.uncond is not None
+
+    def both(self) -> dict:
+        """``cat_inputs(cond, uncond)``: the inputs of a call on every row of both branches, concatenated once and
+        reused while the two dicts hold the same objects (a guided step would otherwise copy the prompt embeddings,
+        ``[2B, L, D]``, at every step)."""
+        key = [*self.cond.items(), *self.uncond.items()]   # the objects themselves, compared by identity
+        old = self._both
+        if old is None or len(old[0]) != len(key) or any(a[0] != b[0] or a[1] is not b[1]
+                                                        for a, b in zip(old[0], key)):
+            self._both = old = (key, cat_inputs(self.cond, self.uncond))
+        return old[1]
+
+
+_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # network -> (first-parameter key, dtype)
 
 
 def select_rows(inputs: dict, rows: torch.Tensor, batch: int) -> dict:
@@ -86,7 +102,29 @@ class ModelAdapter:
 
     @property
     def dtype(self):
-        return getattr(self.net, "dtype", None)
+        """The network's dtype (``ModelMixin.dtype``). Diffusers computes it by walking every submodule (about 2 ms
+        for an SDXL UNet on a CPU), so it is remembered per network until its first parameter changes (``.to()``)."""
+        net = self.net
+        first = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
+        if first is None:
+            return getattr(net, "dtype", None)
+        key = (id(first), first.dtype, first.device)
+        hit = _DTYPES.get(net)
+        if hit is None or hit[0] != key:
+            hit = _DTYPES[net] = (key, getattr(net, "dtype", None))
+        return hit[1]
+
+    def check_condition(self, prompt=None, class_labels=None) -> None:
+        """``ValueError`` for a condition of the wrong kind: a prompt given to a class-conditional (or unconditional)
+        network, or class labels given to a text-conditional one."""
+        name = type(self.net).__name__
+        if self.conditioning_kind == "text" and class_labels is not None:
+            raise ValueError(f"class_labels given, but {name} ({self.family}) is a text-conditional model: give "
+                             "prompt (or prompt_embeds), not class_labels")
+        if self.conditioning_kind != "text" and prompt is not None:
+            what = "class_labels" if self.conditioning_kind == "class" else "no condition"
+            raise ValueError(f"prompt given, but {name} ({self.family}) has no text encoder input: give {what}, "
+                             "not prompt")
 
     @property
     def config(self):
@@ -142,7 +180,11 @@ class DiTAdapter(ModelAdapter):
         return int(self.net.config.num_embeds_ada_norm)
 
     @property
-    def null_class(self) -> int:
+    def null_class(self) -> int | None:
+        """``num_classes``, the row DiT's label embedding adds for label dropout (None if a table lacks it)."""
+        table = _dit_label_table(self.net)
+        if table is not None and table.num_embeddings <= self.num_classes:
+            return None
         return self.num_classes
 
     def __call__(self, x_in, timestep, class_labels=None):
@@ -153,8 +195,19 @@ class DiTAdapter(ModelAdapter):
         return out[:, :c] if out.shape[1] == 2 * c else out
 
     def class_conditioning(self, labels: torch.Tensor) -> Conditioning:
-        return Conditioning(cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels,
-                                                                                                  self.null_class)})
+        """Labels ``[B]`` long in ``0 .. num_classes - 1``; the unconditional branch is the null class (none when the
+        network has no null row, so guidance is then a ``ValueError`` in the core)."""
+        null = self.null_class
+        uncond = None if null is None else {"class_labels": torch.full_like(labels, null)}
+        return Conditioning(cond={"class_labels": labels}, uncond=uncond)
+
+
+def _dit_label_table(net):
+    # the first block's AdaLayerNormZero holds DiT's CombinedTimestepLabelEmbeddings
+    try:
+        return net.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 class UNetTextAdapter(ModelAdapter):

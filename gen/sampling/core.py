@@ -6,7 +6,7 @@ index twice):
 1. ``frame = space.frame(x, t)``: the network input ``x_in`` and the conversions of the scheduler's family
    (:mod:`gen.diffusion.space`);
 2. the guider says which rows need the conditional and the unconditional pass; ONE network call evaluates exactly
-   those rows (NFE counts them);
+   those rows (NFE counts them). Plain ``CFG`` gives the same answer at every step, so it is asked once per run;
 3. an affine guider (CFG, and gates around it) mixes the two outputs directly, ``u + w (c - u)``; any other guider
    sees both branches as ``(x0, eps)`` (the space its paper uses) and returns a guided x0, converted back;
 4. ``scheduler.step``; then an optional per-step ``hook`` may replace the new sample (DPS's measurement gradient,
@@ -99,16 +99,23 @@ def _guider_step_index(loop_index: int, num_inference_steps: int, num_timesteps:
     return min(loop_index * num_inference_steps // max(num_timesteps, 1), num_inference_steps - 1)
 
 
+_UNSET = object()
+
+
 def evaluate(adapter: ModelAdapter, frame: Frame, t, conditioning: Conditioning, cond_rows, uncond_rows,
-             grad: bool = True, use_checkpoint: bool = False):
+             grad: bool = True, use_checkpoint: bool = False, dtype=_UNSET, counts: tuple[int, int] | None = None):
     """One network call on the conditional rows ``cond_rows`` and the unconditional rows ``uncond_rows`` ([B] bool).
+
+    ``dtype``: the network's dtype (inputs are cast to it); read from the adapter when not given (for Diffusers
+    models that walks every submodule, so the loop reads it once per run). ``counts``: ``(cond_rows.sum(),
+    uncond_rows.sum())`` when the caller knows them.
 
     Returns ``(raw_c, raw_u, n_rows)``: full-batch outputs where rows that were not evaluated hold the other
     branch's values (``raw_u`` is None when no unconditional row ran).
     """
     x_in = frame.x_in
     b = x_in.shape[0]
-    n_c, n_u = int(cond_rows.sum()), int(uncond_rows.sum())
+    n_c, n_u = counts if counts is not None else (int(cond_rows.sum()), int(uncond_rows.sum()))
     all_c = n_c == b
     xs, parts = [], []
     if n_c:
@@ -118,10 +125,16 @@ def evaluate(adapter: ModelAdapter, frame: Frame, t, conditioning: Conditioning,
         xs.append(x_in if n_u == b else x_in[uncond_rows])
         parts.append(conditioning.uncond if n_u == b else select_rows(conditioning.uncond, uncond_rows, b))
     x_all = xs[0] if len(xs) == 1 else torch.cat(xs)
-    dtype = adapter.dtype
+    if dtype is _UNSET:
+        dtype = adapter.dtype
     if dtype is not None and x_all.is_floating_point() and x_all.dtype != dtype:
         x_all = x_all.to(dtype)
-    inputs = parts[0] if len(parts) == 1 else cat_inputs(parts[0], parts[1])
+    if len(parts) == 1:
+        inputs = parts[0]
+    elif all_c and n_u == b:
+        inputs = conditioning.both()
+    else:
+        inputs = cat_inputs(parts[0], parts[1])
 
     def call(x, *values):
         return adapter(x, t, **dict(zip(keys, values)))
@@ -152,14 +165,23 @@ def evaluate(adapter: ModelAdapter, frame: Frame, t, conditioning: Conditioning,
     return raw_c, raw_u, n_c + n_u
 
 
-def guided_output(frame: Frame, guider: Guider, info: StepInfo, raw_c: torch.Tensor, raw_u: torch.Tensor | None,
-                  need_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Combine the two branches with ``guider``: ``(output in the frame's linear space, guided x0 or None)``."""
+def guided_output(frame: Frame, guider: Guider, info: StepInfo | None, raw_c: torch.Tensor,
+                  raw_u: torch.Tensor | None, need_x0: bool = False, weight=_UNSET) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor | None]:
+    """Combine the two branches with ``guider``: ``(output in the frame's linear space, guided x0 or None)``.
+
+    ``weight``: the step's linear weight when the caller already has it from a guider that needs no predictions
+    (CFG); then ``guider`` and ``info`` are not consulted.
+    """
     lin_c = frame.linear(raw_c)
     lin_u = None if raw_u is None else frame.linear(raw_u)
-    weight = guider.linear_weight(info)
+    if weight is _UNSET:
+        weight = guider.linear_weight(info)
+        predictions = weight is None or guider.needs_predictions(info)
+    else:
+        predictions = False
     x0_hat = cond = None
-    if weight is None or guider.needs_predictions(info):
+    if predictions:
         cond = Prediction(*frame.to_x0_eps(lin_c))
         uncond = None if lin_u is None else Prediction(*frame.to_x0_eps(lin_u))
         x0_hat = guider(cond, uncond, info)
@@ -219,12 +241,20 @@ def denoise(
     if keep_grad is not None and len(keep_grad) != n_t:
         raise ValueError(f"keep_grad has {len(keep_grad)} entries; expected one per timestep ({n_t})")
     x = latents
+    # once per run, not per step: the network's dtype and the frames' schedule coefficients
+    net_dtype = adapter.dtype
+    prepare = getattr(space, "prepare", None)
+    if callable(prepare):
+        prepare(timesteps, x)
     b = x.shape[0]
     guider.begin(b, int(num_inference_steps))
     if hook is not None:
         hook.begin(int(num_inference_steps))
     kwargs = dict(step_kwargs or {})
     rows = 0
+    # A static guider (CFG) answers the same at every step and keeps no state: when it also needs no predictions, its
+    # masks and weight are asked for at the first step and reused (no StepInfo, noise level or guider calls after).
+    plan = None
     for i, t in enumerate(timesteps if progress is None else progress(timesteps)):
         k = _guider_step_index(i, int(num_inference_steps), n_t)
         need_grad = hook is not None and hook.needs_grad
@@ -233,17 +263,27 @@ def denoise(
             if need_grad:
                 x = x.detach().requires_grad_(True)
             frame = space.frame(x, t)
-            info = StepInfo(step_index=k, num_inference_steps=int(num_inference_steps), timestep=torch.as_tensor(t),
-                            sigma=_step_sigma(frame, guider))
-            mask_c = guider.cond_mask(info).to(x.device)
-            mask_u = guider.uncond_mask(info).to(x.device)
-            if bool(mask_u.any()) and not conditioning.has_uncond:
-                raise ValueError(f"{type(guider).__name__} needs an unconditional branch, but this model has none "
-                                 "(an unconditional or bridge network, or no null class/prompt)")
+            if plan is None:
+                info = StepInfo(step_index=k, num_inference_steps=int(num_inference_steps),
+                                timestep=torch.as_tensor(t), sigma=_step_sigma(frame, guider))
+                mask_c = guider.cond_mask(info).to(x.device)
+                mask_u = guider.uncond_mask(info).to(x.device)
+                counts = (int(mask_c.sum()), int(mask_u.sum()))
+                if counts[1] and not conditioning.has_uncond:
+                    raise ValueError(f"{type(guider).__name__} needs an unconditional branch, but this model has "
+                                     "none (an unconditional or bridge network, or no null class/prompt)")
+                fixed = guider.is_static() and not guider.needs_predictions(info)
+                weight = guider.linear_weight(info) if fixed else _UNSET
+                if fixed:
+                    plan = (mask_c, mask_u, counts, weight)
+            else:
+                info = None
+                mask_c, mask_u, counts, weight = plan
             raw_c, raw_u, n = evaluate(adapter, frame, t, conditioning, mask_c, mask_u, grad=keep or need_grad,
-                                       use_checkpoint=gradient_checkpointing and keep)
+                                       use_checkpoint=gradient_checkpointing and keep, dtype=net_dtype,
+                                       counts=counts)
             rows += n
-            lin, x0_hat = guided_output(frame, guider, info, raw_c, raw_u, need_x0=hook is not None)
+            lin, x0_hat = guided_output(frame, guider, info, raw_c, raw_u, need_x0=hook is not None, weight=weight)
             raw = frame.to_scheduler(lin)
         step_in = raw.detach() if need_grad else raw
         prev = scheduler.step(step_in, t, x.detach() if need_grad else x, **kwargs, return_dict=False)[0]

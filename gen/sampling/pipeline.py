@@ -91,15 +91,6 @@ def check_noise_scheduler(scheduler, pipeline: str) -> None:
 
 
 # --- labels -----------------------------------------------------------------------------------------------------
-def check_conditioning_kind(kind: str, prompt=None, class_labels=None) -> None:
-    """``ValueError`` for prompts given to a class-conditional model or class labels given to a text model."""
-    if kind == "class" and prompt is not None:
-        raise ValueError("prompt given, but this is a class-conditional model: give class_labels (class indices"
-                         " or names), not prompt")
-    if kind == "text" and class_labels is not None:
-        raise ValueError("class_labels given, but this is a text-conditioned model: give prompt, not class_labels")
-
-
 def check_class_names(class_names, num_classes: int | None) -> list[str] | None:
     """``class_names`` as a list of distinct non-empty strings, one per class of the network (index order)."""
     if class_names is None:
