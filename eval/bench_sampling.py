@@ -20,6 +20,10 @@ ratio of the medians minus 1, for wall-clock time and for the process's CPU time
 shared machine), plus the median of the paired per-repeat CPU ratios with a bootstrap 95 % interval. Writes JSON and
 prints markdown rows for BENCHMARKS.md.
 
+``--device cuda --dtype bfloat16`` runs the same pairs on a GPU (each timed run ends with a device synchronisation;
+there the wall-clock ratio is the figure to read, the CPU time measures the Python side); ``--sizes large`` adds
+components of a few million parameters, where a GPU call costs what a small CPU call does.
+
 ``demo_section(out, args)`` is the `make demo` part: each tiny family with CFG and APG, JSON only (``--demo_out DIR``
 runs it from the command line).
 """
@@ -47,7 +51,21 @@ SIZES = {
               "dit": dict(width=64, sample_size=16, num_layers=2)},
     "medium": {"sdxl": dict(width=64, sample_size=16), "sd3": dict(width=128, sample_size=16, num_layers=4),
                "dit": dict(width=128, sample_size=16, num_layers=4)},
+    "large": {"sdxl": dict(width=128, sample_size=32), "sd3": dict(width=256, sample_size=32, num_layers=8),
+              "dit": dict(width=256, sample_size=32, num_layers=8)},
 }
+DEVICE = {"device": torch.device("cpu"), "dtype": torch.float32}  # set by main (--device, --dtype)
+
+
+def _sync() -> None:
+    if DEVICE["device"].type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _place(*modules):
+    """Move pipelines / networks to the benchmark's device and dtype."""
+    for m in modules:
+        m.to(DEVICE["device"], DEVICE["dtype"])
 PROMPTS = ["a photo of a cat", "a dog"]
 DIT_LABELS = [1, 207, 360, 999]
 
@@ -76,8 +94,10 @@ def interleaved(run_a, run_b, repeats: int) -> dict:
     for i in range(repeats):
         order = (("a", run_a), ("b", run_b)) if i % 2 == 0 else (("b", run_b), ("a", run_a))
         for name, fn in order:
+            _sync()
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
+            _sync()
             cpu[name].append(time.process_time() - c0)
             wall[name].append(time.perf_counter() - w0)
     med = {f"{k}_{n}": statistics.median(v[n]) for k, v in (("wall", wall), ("cpu", cpu)) for n in "ab"}
@@ -144,6 +164,7 @@ def bench_ddim(args) -> list[dict]:
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)   # the digits teacher's schedule
     ours, ref = ClassConditionalPipeline(unet=unet, scheduler=sched), DDIMPipeline(unet=unet, scheduler=sched)
     _quiet(ours, ref)
+    _place(unet)
     kw = dict(batch_size=args.ddim_batch, num_inference_steps=args.ddim_steps)
 
     def run_ours():
@@ -183,6 +204,7 @@ def _family(name: str, size: str):
     else:
         raise ValueError(f"unknown family {name!r}; allowed: sdxl, sd3, dit")
     _quiet(ours, ref)
+    _place(*[v for v in parts.values() if isinstance(v, torch.nn.Module)])
     return ours, ref, net, kw
 
 
@@ -223,6 +245,7 @@ def bench_apg(args) -> list[dict]:
     pipe = ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2",
                                                                         clip_sample=False))
     _quiet(pipe)
+    _place(unet)
     labels = torch.arange(10).repeat(7)[: args.ddim_batch]
     cases = [("ClassConditionalPipeline (digits UNet)", pipe, unet,
               dict(class_labels=labels, num_inference_steps=args.apg_steps, output_type="np"), 8.0)]
@@ -295,14 +318,22 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="outputs/bench_sampling.json")
     p.add_argument("--demo_out", default=None, help="also run the demo section, writing families_demo.json here")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo section")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
+    DEVICE["device"], DEVICE["dtype"] = torch.device(args.device), getattr(torch, args.dtype)
+    if DEVICE["device"].type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but torch sees no CUDA device")
     if args.repeats < 1 or args.steps < 1:
         raise ValueError(f"--repeats and --steps must be >= 1; got {args.repeats}, {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} torch threads", "rows": []}
+                         f"{torch.get_num_threads()} torch threads", "device": args.device, "dtype": args.dtype,
+              "rows": []}
+    if DEVICE["device"].type == "cuda":
+        result["machine"] += f", {torch.cuda.get_device_name(DEVICE['device'])}"
     for section in args.sections:
         if section == "ddim":
             result["rows"] += bench_ddim(args)
