@@ -2,8 +2,8 @@
 
     python eval/demo.py --out outputs [--only teacher guidance] [--num_fid_samples 500]
 
-The sections live in ``gen.evaluation.demo`` (teacher, guidance, gbm, interpolants, alignprop); the inverse-problem
-and f-distill sections are still the ``demo_section`` of ``eval/inverse.py`` and ``eval/fdistill.py``.
+The sections live in ``gen.evaluation.demo`` (teacher, guidance, families, gbm, interpolants, alignprop); the
+inverse-problem and f-distill sections are still the ``demo_section`` of ``eval/inverse.py`` and ``eval/fdistill.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _script_section(relpath: str):
     return section
 
 
-ALL_SECTIONS = {"teacher": SECTIONS["teacher"], "guidance": SECTIONS["guidance"],
+ALL_SECTIONS = {"teacher": SECTIONS["teacher"], "guidance": SECTIONS["guidance"], "families": SECTIONS["families"],
                 "inverse": _script_section("eval/inverse.py"), "gbm": SECTIONS["gbm"],
                 "interpolants": SECTIONS["interpolants"], "fdistill": _script_section("eval/fdistill.py"),
                 "alignprop": SECTIONS["alignprop"]}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +30,7 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_families(device, results: list) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_sampling as bs
-
+    import gen.evaluation.bench_sampling as bs
     from gen.guidance import APG
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):

@@ -130,6 +130,12 @@ def _interpolants(out: Path, settings) -> dict:
     return demo_section(out, settings)
 
 
+def _families(out: Path, settings) -> dict:
+    from gen.evaluation.bench_sampling import demo_section
+
+    return demo_section(out, settings)
+
+
 def _alignprop(out: Path, settings) -> dict:
     from gen.evaluation.alignprop import demo_section
 
@@ -137,8 +143,8 @@ def _alignprop(out: Path, settings) -> dict:
 
 
 # name -> section; eval/demo.py adds the inverse and f-distill sections (still in their scripts) in order
-SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "gbm": _gbm, "interpolants": _interpolants,
-            "alignprop": _alignprop}
+SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _families, "gbm": _gbm,
+            "interpolants": _interpolants, "alignprop": _alignprop}
 
 
 def run(settings: DemoSettings, sections: dict | None = None) -> dict:
