@@ -357,10 +357,16 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path):
 
 
 def test_bench_train_overhead_smoke(tmp_path):
-    from tests.conftest import load_script
+    """eval/bench_train.py as a user runs it (a subprocess): the overhead section on two tiny steps."""
+    import subprocess
+    import sys
 
-    res = load_script("eval/bench_train.py").main(["--only", "overhead", "--steps", "2", "--block", "1", "--batch",
-                                                   "2", "--out", str(tmp_path)])
-    o = res["overhead"]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "eval" / "bench_train.py"), "--only", "overhead", "--steps", "2", "--block",
+           "1", "--batch", "2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    o = json.loads((tmp_path / "bench_train.json").read_text())["overhead"]
     assert o["steps_each"] == 2 and o["loop_median_s"] > 0 and o["bare_median_s"] > 0 and o["blocks"] == 2
     assert "| loop (median step) | bare PyTorch (median step) |" in (tmp_path / "rows.md").read_text()
