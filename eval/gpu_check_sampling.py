@@ -36,24 +36,24 @@ def check_families(device, results: list) -> None:
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         bs.DEVICE["device"], bs.DEVICE["dtype"] = device, dtype
         for name in ("sdxl", "sd3", "dit"):
-            ours, ref, _, kw = bs._family(name, "medium")
+            ours, ref, _, kw = bs.family_pipelines(name, "medium")
             kw = dict(kw, num_inference_steps=8)
             if name != "dit":
                 kw["output_type"] = "latent"
             with torch.no_grad():
-                a = torch.as_tensor(ours(**kw, generator=bs._gen()).images).float().cpu()
-                b = torch.as_tensor(ref(**kw, generator=bs._gen()).images).float().cpu()
+                a = torch.as_tensor(ours(**kw, generator=torch.Generator().manual_seed(0)).images).float().cpu()
+                b = torch.as_tensor(ref(**kw, generator=torch.Generator().manual_seed(0)).images).float().cpu()
                 c = torch.as_tensor(ours(**{k: v for k, v in kw.items() if k != "guidance_scale"},
                                          guider=APG(guidance_scale=5.0, eta=0.0, momentum=-0.5),
-                                         generator=bs._gen()).images).float().cpu()
+                                         generator=torch.Generator().manual_seed(0)).images).float().cpu()
             diff = float((a - b).abs().max())
             row = {"check": f"{name} {str(dtype).split('.')[-1]} vs Diffusers", "max_abs_diff": diff, "tol": tol,
                    "apg_finite": bool(torch.isfinite(c).all()), "ok": diff <= tol and bool(torch.isfinite(c).all())}
             if dtype == torch.bfloat16:
                 bs.DEVICE["dtype"] = torch.float32
-                ours32, _, _, _ = bs._family(name, "medium")
+                ours32, _, _, _ = bs.family_pipelines(name, "medium")
                 with torch.no_grad():
-                    a32 = torch.as_tensor(ours32(**kw, generator=bs._gen()).images).float().cpu()
+                    a32 = torch.as_tensor(ours32(**kw, generator=torch.Generator().manual_seed(0)).images).float().cpu()
                 row["corr_bf16_vs_fp32"] = _corr(a, a32)
                 row["ok"] = row["ok"] and bool(torch.isfinite(a).all()) and row["corr_bf16_vs_fp32"] > 0.99
                 bs.DEVICE["dtype"] = dtype

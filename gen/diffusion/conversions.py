@@ -31,13 +31,13 @@ def _check_type(name: str, arg: str) -> None:
         raise ValueError(f"{arg}={name!r} is not a prediction type; allowed: {', '.join(PREDICTION_TYPES)}")
 
 
-def _is_flow_scheduler(scheduler) -> bool:
+def is_flow_scheduler(scheduler) -> bool:
     return not hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "config") and "shift" in scheduler.config
 
 
 def prediction_type_of(scheduler) -> str:
     """The prediction space a scheduler expects from the network (``"flow"`` for rectified-flow schedulers)."""
-    if _is_flow_scheduler(scheduler):
+    if is_flow_scheduler(scheduler):
         return "flow"
     kind = getattr(scheduler.config, "prediction_type", "epsilon")
     _check_type(kind, "scheduler.config.prediction_type")
@@ -60,7 +60,7 @@ def alpha_sigma(scheduler, timesteps, ndim: int = 4, dtype=torch.float32, device
         ``(alpha, sigma)``, each ``[B] + [1] * (ndim - 1)``.
     """
     t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
-    if _is_flow_scheduler(scheduler):
+    if is_flow_scheduler(scheduler):
         s = t / float(scheduler.config.num_train_timesteps)
         if (s < 0).any() or (s > 1).any():
             raise ValueError(f"flow timesteps must lie in [0, num_train_timesteps]; got {t.tolist()}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .conversions import _is_flow_scheduler, from_x0_eps, prediction_type_of, to_x0_eps
+from .conversions import from_x0_eps, is_flow_scheduler, prediction_type_of, to_x0_eps
 
 
 def _rows(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -145,7 +145,7 @@ class DiffusionSpace(PredictionSpace):
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.prediction_type = prediction_type_of(scheduler)
-        self.flow = _is_flow_scheduler(scheduler)
+        self.flow = is_flow_scheduler(scheduler)
         if not self.flow:
             if not hasattr(scheduler, "alphas_cumprod"):
                 raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod nor a flow-matching config")

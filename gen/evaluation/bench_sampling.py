@@ -179,7 +179,7 @@ def bench_ddim(settings) -> list[dict]:
                   {"batch": settings.ddim_batch, "steps": settings.ddim_steps, "guidance": "none (w=1)"})]
 
 
-def _family(name: str, size: str):
+def family_pipelines(name: str, size: str):
     """(ours, Diffusers' pipeline, network, call kwargs) of family ``name`` at ``size``."""
     from diffusers import DiTPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
@@ -213,7 +213,7 @@ def _family(name: str, size: str):
 def bench_family(name: str, settings) -> list[dict]:
     rows = []
     for size in settings.sizes:
-        ours, ref, net, kw = _family(name, size)
+        ours, ref, net, kw = family_pipelines(name, size)
 
         def run_ours(ours=ours, kw=kw):
             return ours(**kw, num_inference_steps=settings.steps, generator=_gen()).images
@@ -252,7 +252,7 @@ def bench_apg(settings) -> list[dict]:
     cases = [("ClassConditionalPipeline (digits UNet)", pipe, unet,
               dict(class_labels=labels, num_inference_steps=settings.apg_steps, output_type="np"), 8.0)]
     for name in ("sdxl", "sd3", "dit"):
-        ours, _, net, kw = _family(name, "medium")
+        ours, _, net, kw = family_pipelines(name, "medium")
         kw = {k: v for k, v in kw.items() if k != "guidance_scale"}
         cases.append((f"{type(ours).__name__} (medium)", ours, net, dict(kw, num_inference_steps=settings.steps),
                       5.0))
@@ -281,7 +281,7 @@ def demo_section(out: Path, settings) -> dict:
               "note": "random tiny components (gen.models.tiny_families): the images are noise-like; the point is "
                       "that every family runs every guider and CFG equals Diffusers' pipeline", "families": {}}
     for name in ("sdxl", "sd3", "dit"):
-        ours, ref, _, kw = _family(name, "small")
+        ours, ref, _, kw = family_pipelines(name, "small")
         kw = {k: v for k, v in kw.items() if k != "guidance_scale"}
         row = {}
         for gname, guider in (("cfg", CFG(guidance_scale=5.0)), ("apg", _apg(5.0))):
