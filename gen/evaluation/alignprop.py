@@ -85,15 +85,17 @@ def measure_steps(step_fn, n_steps: int, device, modules=()) -> dict:
     hwm_before = status_kb("VmHWM")
     reset = reset_hwm()
     saved = SavedBytes(modules)
-    times = []
+    times, cpu = [], []
     for i in range(n_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step_fn(saved if i == 0 else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    # wall time and the process's CPU time (less sensitive to other jobs on a shared box when it runs one thread)
     out = {"s_per_step": sorted(times)[len(times) // 2], "mean_s_per_step": sum(times) / len(times),
-           "step_times": [round(t, 4) for t in times],
+           "step_times": [round(t, 4) for t in times], "cpu_s_per_step": sorted(cpu)[len(cpu) // 2],
            "rss_before_mb": rss0 / 1024, "hwm_before_mb": hwm_before / 1024, "hwm_reset": reset,
            "saved_tensor_mb": saved.total / 2 ** 20}
     if reset:

@@ -6,7 +6,8 @@ own encoders, sample T steps with gradients through the last K (``gen.reward.tra
 core, CFG through its guider, the network and the VAE decode checkpointed or not), reward (``contrast``), loss,
 backward, clip, AdamW on the rank-4 LoRA. Each configuration runs in a fresh subprocess with
 ``MALLOC_MMAP_THRESHOLD_`` fixed (freed tensors return to the OS, so RSS follows live memory); after one warm-up
-step, ``n_steps`` timed steps. Reported per configuration: seconds per step (median), the step's RSS high-water
+step, ``n_steps`` timed steps. Reported per configuration: seconds per step (median wall time, and the process's
+CPU time, which other jobs on a shared box disturb less at one thread), the step's RSS high-water
 above the RSS before the timed steps (``/proc/self/clear_refs`` reset, then ``VmHWM``: the target measure, as in
 the digits table of ``eval/alignprop.py``), the bytes autograd saves for backward, and the process peak RSS.
 On CUDA the worker also reports ``torch.cuda.max_memory_allocated``.
@@ -173,12 +174,13 @@ def run(settings: AlignPropFamiliesSettings, command: str = "", in_process: bool
                 r = run_worker(spec, settings.threads)
             reps.append(r)
         res = min(reps, key=lambda r: r["s_per_step"])
-        res["reps"] = [{k: r.get(k) for k in ("s_per_step", "step_peak_rss_mb", "peak_rss_mb")} for r in reps]
+        res["reps"] = [{k: r.get(k) for k in ("s_per_step", "cpu_s_per_step", "step_peak_rss_mb", "peak_rss_mb")}
+                       for r in reps]
         res.update({k: spec[k] for k in ("family", "k", "checkpointing", "steps", "batch")})
-        logger.info("%s K=%d ckpt=%s: %.3f s/step, step peak RSS %.1f MB, autograd saved %.1f MB, peak RSS %.0f MB "
-                    "(%.0f s)", spec["family"], spec["k"], spec["checkpointing"], res["s_per_step"],
-                    res.get("step_peak_rss_mb", float("nan")), res["saved_tensor_mb"], res["peak_rss_mb"],
-                    time.time() - t0)
+        logger.info("%s K=%d ckpt=%s: %.3f s/step (lowest median of the repetitions), step peak RSS %.1f MB, "
+                    "autograd saved %.1f MB, peak RSS %.0f MB (%.0f s)", spec["family"], spec["k"],
+                    spec["checkpointing"], res["s_per_step"], res.get("step_peak_rss_mb", float("nan")),
+                    res["saved_tensor_mb"], res["peak_rss_mb"], time.time() - t0)
         result["rows"].append(res)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -188,8 +190,8 @@ def run(settings: AlignPropFamiliesSettings, command: str = "", in_process: bool
 def markdown(result: dict) -> str:
     """Rows for BENCHMARKS.md: per family, K = 1 / all with checkpointing on and off, and the ratio of the step peak
     to full backpropagation's (K = T, no checkpointing)."""
-    lines = ["| family | network (LoRA params) | K | checkpointing | s / step | step peak RSS (MB) | x full backprop |"
-             " autograd saved (MB) | process peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | network (LoRA params) | K | checkpointing | s / step (wall) | CPU s / step | step peak RSS"
+             " (MB) | x full backprop | autograd saved (MB) | process peak RSS (MB) |", "|---" * 10 + "|"]
     rows = result["rows"]
     for r in rows:
         ref = next((x for x in rows if x["family"] == r["family"] and x["k"] == x["steps"] and not x["checkpointing"]),
@@ -199,6 +201,7 @@ def markdown(result: dict) -> str:
         k = f"{r['k']}{' (all)' if r['k'] == r['steps'] else ''}"
         lines.append(f"| {r['family']} | {r['network']} {r['network_parameters'] / 1e6:.2f} M ({r['lora_parameters']}) "
                      f"| {k} | {'on' if r['checkpointing'] else 'off'} | {r['s_per_step']:.3f} | "
+                     f"{r.get('cpu_s_per_step', float('nan')):.3f} | "
                      f"{peak if peak is not None else float('nan'):.1f} | {ratio} | {r['saved_tensor_mb']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
