@@ -38,7 +38,7 @@ import torch
 
 from gen.evaluation import REPO_ROOT as ROOT
 from gen.evaluation import output_path
-from gen.evaluation.alignprop import part_curve, report
+from gen.evaluation.alignprop import SavedBytes, measure_steps, part_curve, report  # noqa: F401
 
 logger = logging.getLogger("eval.alignprop")
 PARTS = ("curve", "memory", "trl")
@@ -46,103 +46,20 @@ MMAP_THRESHOLD = "131072"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# memory helpers (run inside the worker subprocess)
-# ---------------------------------------------------------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-class SavedBytes:
-    """Sum of the bytes of tensors autograd saves for backward while active (distinct storages; the storages of
-    ``modules``' parameters and buffers, which exist anyway, are not counted)."""
-
-    def __init__(self, modules=()):
-        self.seen, self.total = set(), 0
-        for m in modules:
-            for t in [*m.parameters(), *m.buffers()]:
-                self.seen.add((t.untyped_storage().data_ptr(), t.device))
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x)
-
-    def pack(self, t):
-        try:
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in self.seen:
-                self.seen.add(key)
-                self.total += t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    def __enter__(self):
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-
-
-def _measure_steps(step_fn, n_steps: int, device, modules=()) -> dict:
-    """One warm-up step, then ``n_steps`` timed steps with the RSS high-water reset before them."""
-    step_fn(None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = _status_kb("VmRSS")
-    hwm_before = _status_kb("VmHWM")
-    reset = _reset_hwm()
-    saved = SavedBytes(modules)
-    times = []
-    for i in range(n_steps):
-        t0 = time.perf_counter()
-        step_fn(saved if i == 0 else None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    out = {"s_per_step": sorted(times)[len(times) // 2], "mean_s_per_step": sum(times) / len(times),
-           "step_times": [round(t, 4) for t in times],
-           "rss_before_mb": rss0 / 1024, "hwm_before_mb": hwm_before / 1024, "hwm_reset": reset,
-           "saved_tensor_mb": saved.total / 2 ** 20}
-    if reset:
-        out["step_peak_rss_mb"] = (_status_kb("VmHWM") - rss0) / 1024
-    if device.type == "cuda":
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # workers
 # ---------------------------------------------------------------------------------------------------------------
-def _trainer():
-    """``train/alignprop.py``'s pieces (config, model, backend, generate, loss). TEMPORARY: loaded by path until they
-    live in ``gen`` (``gen.reward.training`` on the train-loop branch); then import them from there."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("alignprop_trainer", ROOT / "train" / "alignprop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def worker_ours(spec: dict) -> dict:
     """One configuration of our trainer's step (digits teacher or a Stable Diffusion folder)."""
-    from gen.reward import LoraParameters, add_lora, build_reward, check_reward, sample_with_grad  # noqa: F401
-    alignprop = _trainer()
+    from gen.reward import LoraParameters, add_lora, build_reward, check_reward
+    from gen.reward import training as alignprop
+    from gen.training import parse_config
+
     torch.manual_seed(0)
     args = ["--config", str(ROOT / spec["config"]), "--output_dir", "/tmp/unused", *spec.get("overrides", [])]
-    cfg = alignprop.parse_config(alignprop.AlignPropConfig, args)
+    cfg = parse_config(alignprop.AlignPropConfig, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = alignprop.load_model(cfg)
+    alignprop.select_scheduler(cfg, pipe)
     pipe.to(device)
     for name in ("unet", "vae", "text_encoder"):
         if getattr(pipe, name, None) is not None:
@@ -171,7 +88,7 @@ def worker_ours(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     parts = [getattr(pipe, n) for n in ("unet", "vae", "text_encoder") if getattr(pipe, n, None) is not None]
-    return _measure_steps(step, spec.get("n_steps", 3), device, [*parts, reward])
+    return measure_steps(step, spec.get("n_steps", 3), device, [*parts, reward])
 
 
 def worker_trl(spec: dict) -> dict:
@@ -217,7 +134,7 @@ def worker_trl(spec: dict) -> dict:
             state["gs"] = trainer.step(state["epoch"], state["gs"])
         state["epoch"] += 1
 
-    return _measure_steps(step, spec.get("n_steps", 3), device, [pipe.unet, pipe.vae, pipe.text_encoder, reward])
+    return measure_steps(step, spec.get("n_steps", 3), device, [pipe.unet, pipe.vae, pipe.text_encoder, reward])
 
 
 def run_worker(spec: dict, threads: int) -> dict:

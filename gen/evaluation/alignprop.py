@@ -1,6 +1,7 @@
 """AlignProp benchmark pieces (``eval/alignprop.py``): the reward curve of a training run, the report (rows.md and
-the plot) and the ``make demo`` section. The memory and TRL parts run the trainer's step in subprocesses and stay
-in the script.
+the plot), the ``make demo`` section, and the memory helpers the measuring workers share (RSS high-water mark
+reset, autograd-saved bytes, timed steps; also used by :mod:`gen.evaluation.alignprop_families`). The memory and
+TRL parts of ``eval/alignprop.py`` run the trainer's step in subprocesses of that script.
 """
 
 from __future__ import annotations
@@ -25,6 +26,83 @@ def part_curve(settings) -> dict:
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     return {"run": str(run), "config": cfg, "evals": evals, "train_logs": logs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory helpers (run inside a worker subprocess: eval/alignprop.py, gen.evaluation.alignprop_families)
+# ---------------------------------------------------------------------------------------------------------------
+def status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class SavedBytes:
+    """Sum of the bytes of tensors autograd saves for backward while active (distinct storages; the storages of
+    ``modules``' parameters and buffers, which exist anyway, are not counted)."""
+
+    def __init__(self, modules=()):
+        self.seen, self.total = set(), 0
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                self.seen.add((t.untyped_storage().data_ptr(), t.device))
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x)
+
+    def pack(self, t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.total += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    def __enter__(self):
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def measure_steps(step_fn, n_steps: int, device, modules=()) -> dict:
+    """One warm-up step, then ``n_steps`` timed steps with the RSS high-water reset before them."""
+    step_fn(None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = status_kb("VmRSS")
+    hwm_before = status_kb("VmHWM")
+    reset = reset_hwm()
+    saved = SavedBytes(modules)
+    times, cpu = [], []
+    for i in range(n_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step_fn(saved if i == 0 else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    # wall time and the process's CPU time (less sensitive to other jobs on a shared box when it runs one thread)
+    out = {"s_per_step": sorted(times)[len(times) // 2], "mean_s_per_step": sum(times) / len(times),
+           "step_times": [round(t, 4) for t in times], "cpu_s_per_step": sorted(cpu)[len(cpu) // 2],
+           "rss_before_mb": rss0 / 1024, "hwm_before_mb": hwm_before / 1024, "hwm_reset": reset,
+           "saved_tensor_mb": saved.total / 2 ** 20}
+    if reset:
+        out["step_peak_rss_mb"] = (status_kb("VmHWM") - rss0) / 1024
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,19 @@
-"""LoRA on a Diffusers UNet through peft: injection, Diffusers-format save/load, and mixing of two fine-tunes.
+"""LoRA on a Diffusers denoiser (UNet or transformer) through peft: injection, Diffusers-format save/load, and
+mixing of two fine-tunes.
 
-File format: ``pytorch_lora_weights.safetensors`` with keys ``unet.<module>.lora_A.weight`` /
-``unet.<module>.lora_B.weight`` and the peft ``LoraConfig`` in the safetensors metadata under
-``lora_adapter_metadata`` (keys prefixed ``unet.``), i.e. what ``StableDiffusionPipeline.save_lora_weights`` writes
-and ``load_lora_weights`` reads. Diffusers' loader only supports ``UNet2DConditionModel``-style pipelines; for the
-class-conditional ``UNet2DModel`` pipelines ``pipelines.lora.UNetLoraLoaderMixin`` reads the same file.
+File format: ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module>.lora_A.weight`` /
+``<prefix>.<module>.lora_B.weight`` and the peft ``LoraConfig`` in the safetensors metadata under
+``lora_adapter_metadata`` (keys prefixed ``<prefix>.``), i.e. what Diffusers' ``save_lora_weights`` writes and
+``load_lora_weights`` reads. The prefix is the pipeline component that holds the network:
+
+==========================================  ===============  ==============================================
+family                                      prefix           Diffusers loader
+==========================================  ===============  ==============================================
+SD 1.x/2.x, SDXL (``UNet2DConditionModel``)  ``unet``         ``StableDiffusionPipeline`` / ``...XLPipeline``
+SD3-style (``SD3Transformer2DModel``)        ``transformer``  ``StableDiffusion3Pipeline.load_lora_weights``
+class-conditional ``UNet2DModel``            ``unet``         ``pipelines.lora.UNetLoraLoaderMixin`` (ours:
+                                                              Diffusers' loaders do not cover ``UNet2DModel``)
+==========================================  ===============  ==============================================
 
 Mixing (AlignProp's "reward soup", Sec. 5 of the paper): theta = c * theta_A + (1 - c) * theta_B. With a common
 base W0 this is W0 + c * dW_A + (1 - c) * dW_B, which :func:`mix_lora` writes exactly as one LoRA of rank
@@ -24,6 +33,15 @@ from torch import nn
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 PREFIX = "unet"
+PREFIXES = ("unet", "transformer")
+
+
+def lora_prefix(network: nn.Module) -> str:
+    """The Diffusers LoRA key prefix of a network: ``transformer`` for transformer denoisers (SD3, DiT, Flux ...),
+    ``unet`` for UNets."""
+    from gen.sampling.adapters import unwrap_network
+
+    return "transformer" if "Transformer" in type(unwrap_network(network)).__name__ else PREFIX
 
 
 def matching_modules(model: nn.Module, target_modules) -> list[str]:
@@ -39,7 +57,7 @@ def matching_modules(model: nn.Module, target_modules) -> list[str]:
     return found
 
 
-def _candidates(model: nn.Module, limit: int = 12) -> str:
+def _candidates(model: nn.Module, limit: int = 32) -> str:
     leaves = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
                      for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
     return ", ".join(leaves[:limit]) + (" ..." if len(leaves) > limit else "")
@@ -105,14 +123,20 @@ def lora_metadata(cfg) -> dict:
     return out
 
 
-def save_lora(folder, state_dict: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` in the Diffusers format (``unet.`` prefix + metadata)."""
+def save_lora(folder, state_dict: dict[str, torch.Tensor], metadata: dict, prefix: str = PREFIX) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` in the Diffusers format (``prefix.`` keys + metadata).
+
+    Args:
+        prefix: ``unet`` (UNets) or ``transformer`` (SD3-style transformers); see :func:`lora_prefix`.
+    """
     from safetensors.torch import save_file
 
+    if prefix not in PREFIXES:
+        raise ValueError(f"LoRA prefix {prefix!r}; allowed: {', '.join(PREFIXES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    packed = {f"{PREFIX}.{k}": v.contiguous() for k, v in state_dict.items()}
-    meta = {"format": "pt", METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in metadata.items()},
+    packed = {f"{prefix}.{k}": v.contiguous() for k, v in state_dict.items()}
+    meta = {"format": "pt", METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in metadata.items()},
                                                      indent=2, sort_keys=True)}
     path = folder / LORA_WEIGHT_NAME
     tmp = folder / f".{LORA_WEIGHT_NAME}.tmp"
@@ -122,8 +146,9 @@ def save_lora(folder, state_dict: dict[str, torch.Tensor], metadata: dict) -> Pa
     return path
 
 
-def read_lora(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict without the ``unet.`` prefix, LoraConfig fields) from a folder or a .safetensors file."""
+def read_lora(path, with_prefix: bool = False) -> tuple:
+    """(state dict without its ``unet.`` / ``transformer.`` prefix, LoraConfig fields) from a folder or a
+    .safetensors file; with ``with_prefix`` also the prefix found, as a third item."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -139,6 +164,12 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for truncated/corrupt files
         raise ValueError(f"LoRA file {str(path)!r} is corrupt or truncated (not a readable safetensors file: "
                          f"{err})") from None
+    found = [p for p in PREFIXES if any(k.startswith(f"{p}.") for k in sd)]
+    if not found:
+        raise ValueError(f"{str(path)!r} holds no '{PREFIX}.' (or 'transformer.') LoRA weights")
+    if len(found) > 1:
+        raise ValueError(f"{str(path)!r} holds both 'unet.' and 'transformer.' LoRA weights; one network per file")
+    prefix = found[0]
     meta = {}
     if raw:
         try:
@@ -147,18 +178,16 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict]:
             raise ValueError(f"LoRA file {str(path)!r}: its {METADATA_KEY} metadata is not JSON ({err})") from None
         if not isinstance(parsed, dict):
             raise ValueError(f"LoRA file {str(path)!r}: its {METADATA_KEY} metadata is not a JSON object")
-        meta = {k.removeprefix(f"{PREFIX}."): v for k, v in parsed.items() if k.startswith(f"{PREFIX}.")}
-    unet_sd = {k.removeprefix(f"{PREFIX}."): v for k, v in sd.items() if k.startswith(f"{PREFIX}.")}
-    if not unet_sd:
-        raise ValueError(f"{str(path)!r} holds no '{PREFIX}.' LoRA weights")
+        meta = {k.removeprefix(f"{prefix}."): v for k, v in parsed.items() if k.startswith(f"{prefix}.")}
+    unet_sd = {k.removeprefix(f"{prefix}."): v for k, v in sd.items() if k.startswith(f"{prefix}.")}
     for key, value in unet_sd.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"LoRA file {str(path)!r}: {PREFIX}.{key} holds NaN/inf values; the file is corrupt")
+            raise ValueError(f"LoRA file {str(path)!r}: {prefix}.{key} holds NaN/inf values; the file is corrupt")
     if "r" not in meta:  # no metadata: rank from the weights, alpha = rank (diffusers' convention)
         a = next(v for k, v in unet_sd.items() if k.endswith("lora_A.weight"))
         meta = {"r": a.shape[0], "lora_alpha": a.shape[0],
                 "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in unet_sd})}
-    return unet_sd, meta
+    return (unet_sd, meta, prefix) if with_prefix else (unet_sd, meta)
 
 
 def load_lora_into_unet(unet: nn.Module, path, adapter_name: str = "default") -> dict:
@@ -190,15 +219,17 @@ def mix_lora(path_a, path_b, c: float, out_folder, mode: str = "delta") -> Path:
     """
     if mode not in ("delta", "factors"):
         raise ValueError(f"mix mode {mode!r}; allowed: delta, factors")
-    sa, ma = read_lora(path_a)
-    sb, mb = read_lora(path_b)
+    sa, ma, pa = read_lora(path_a, with_prefix=True)
+    sb, mb, pb = read_lora(path_b, with_prefix=True)
+    if pa != pb:
+        raise ValueError(f"the two LoRAs are for different networks ({pa!r} and {pb!r} keys); mixing needs one base")
     if set(sa) != set(sb):
         raise ValueError("the two LoRAs target different modules; mixing needs the same target modules")
     if mode == "factors":
         if ma["r"] != mb["r"] or ma["lora_alpha"] != mb["lora_alpha"]:
             raise ValueError("mode='factors' needs equal rank and alpha")
         out = {k: c * sa[k] + (1 - c) * sb[k] for k in sa}
-        return save_lora(out_folder, out, ma)
+        return save_lora(out_folder, out, ma, prefix=pa)
     if ma.get("rank_pattern") or mb.get("rank_pattern") or ma.get("alpha_pattern") or mb.get("alpha_pattern"):
         raise ValueError("mixing LoRAs with per-module rank/alpha patterns is not supported")
     ra, rb = int(ma["r"]), int(mb["r"])
@@ -214,7 +245,7 @@ def mix_lora(path_a, path_b, c: float, out_folder, mode: str = "delta") -> Path:
         else:
             raise ValueError(f"cannot mix LoRA tensor {key!r} (only lora_A / lora_B weights are supported)")
     meta = dict(ma, r=r, lora_alpha=alpha)
-    return save_lora(out_folder, out, meta)
+    return save_lora(out_folder, out, meta, prefix=pa)
 
 
 class LoraParameters(nn.Module):

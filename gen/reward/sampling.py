@@ -21,9 +21,16 @@ How K is chosen (:class:`Truncation`):
   r ~ U{cut_min..cut_max} is drawn and the prediction is detached if i < r, so each step independently keeps its
   gradient with probability P(r <= i); this is not "one random K" and the kept steps need not be contiguous.
 
-The scheduler step itself is any Diffusers scheduler's ``step`` (DDIM with ``eta`` included), run with autograd on.
-Sampling runs the one core of :mod:`gen.sampling` with its keep-gradient mask; classifier-free guidance is the
-core's ``gen.guidance.CFG`` (any other guider works too).
+The scheduler step itself is any Diffusers scheduler's ``step`` run with autograd on: DDIM (with ``eta``), SDXL's
+Euler (x <- x + (sigma_next - sigma) eps at x_in = x / sqrt(sigma^2 + 1)), the flow-matching Euler of SD3-style models
+(x <- x + (sigma_next - sigma) v, with the scheduler's static shift or the dynamic shift ``mu``). Sampling runs the one
+core of :mod:`gen.sampling` with its keep-gradient mask; classifier-free guidance is the core's ``gen.guidance.CFG``
+(any other guider works too), never inline.
+
+Back-ends (what the trainer needs from a family: prompt encoding into both CFG branches, latent shape, the guided
+network, VAE decode with optional checkpointing): :class:`ClassConditionalBackend` (digits ``UNet2DModel``),
+:class:`StableDiffusionBackend` (SD 1.x/2.x), :class:`StableDiffusionXLBackend` and :class:`SD3Backend` (the family
+pipelines' own ``encode_prompt``, SDXL's added time ids and pooled embeddings, SD3's pooled projections).
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from gen.guidance import CFG, Guider
-from gen.sampling import CallableAdapter, ClassUNetAdapter, Conditioning, UNetTextAdapter, adapter_for, denoise
+from gen.sampling import (
+    CallableAdapter,
+    ClassUNetAdapter,
+    Conditioning,
+    SD3Adapter,
+    UNetTextAdapter,
+    adapter_for,
+    denoise,
+)
 from gen.sampling.core import scheduler_step_kwargs
 
 TRUNCATION_MODES = ("fixed", "uniform", "per_step_random")
@@ -134,6 +149,7 @@ def sample_with_grad(
     gradient_checkpointing: bool = True,
     keep_mask: list[bool] | None = None,
     progress: Callable | None = None,
+    timestep_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Run the scheduler loop from ``latents`` with gradients through the kept steps (the sampling core's
     keep-gradient mask).
@@ -155,6 +171,8 @@ def sample_with_grad(
         gradient_checkpointing: checkpoint every kept network call (``use_reentrant=False``).
         keep_mask: explicit per-step mask (overrides ``truncation``; for tests and benchmarks).
         progress: optional wrapper around the timestep iterator (e.g. a pipeline's ``progress_bar``).
+        timestep_kwargs: extra arguments of ``scheduler.set_timesteps`` (the dynamic shift ``mu`` of flow
+            schedulers with ``use_dynamic_shifting``; see :meth:`SD3Backend.timestep_kwargs`).
 
     Returns:
         ``(x_0 latents [B,C,H,W], info)`` with ``info = {"keep_mask": [...], "k": number of kept steps,
@@ -162,7 +180,9 @@ def sample_with_grad(
     """
     truncation = truncation or Truncation(mode="fixed", k=None)
     kwargs = step_kwargs_for(scheduler, eta, generator)
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    scheduler.set_timesteps(num_inference_steps, device=latents.device, **(timestep_kwargs or {}))
+    if hasattr(scheduler, "set_begin_index"):  # Euler / flow schedulers count their steps from 0, as the pipelines
+        scheduler.set_begin_index(0)
     n_t = len(scheduler.timesteps)  # second-order schedulers list more timesteps than steps
     if keep_mask is None:
         keep_mask = truncation.keep_mask(n_t, generator)
@@ -197,7 +217,9 @@ def check_reward(rewards, batch_size: int, name: str = "reward") -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model back-ends: what the trainer needs from a class-conditional UNet or a Stable Diffusion pipeline.
+# Model back-ends: what the trainer needs from each model family. A backend encodes the prompts (or labels) into a
+# Conditioning (both CFG branches), gives the latent shape and the scheduler's set_timesteps arguments, wraps the
+# network (possibly DDP-wrapped, LoRA-injected) with its adapter under CFG(w), and decodes latents to [0, 1].
 # ---------------------------------------------------------------------------------------------------------------
 class ClassConditionalBackend:
     """A class-conditional pixel-space ``UNet2DModel`` (``gen.models.digits_unet``; null class = num_classes).
@@ -210,6 +232,8 @@ class ClassConditionalBackend:
         scheduler: a Diffusers scheduler.
         guidance_scale: CFG weight w (``uncond + w (cond - uncond)``); 1 = no unconditional pass.
     """
+
+    family = "class_conditional"
 
     def __init__(self, unet, scheduler, guidance_scale: float = 1.0, config_unet=None):
         self.unet, self.scheduler, self.guidance_scale = unet, scheduler, float(guidance_scale)
@@ -231,6 +255,9 @@ class ClassConditionalBackend:
         size = tuple(s) if isinstance(s, (tuple, list)) else (s, s)
         return (batch, self.cfg.in_channels, *size)
 
+    def timestep_kwargs(self, shape) -> dict:
+        return {}
+
     def model_fn(self, cond: torch.Tensor) -> GuidedModel:
         """The network with labels ``cond`` (and the null class) under ``CFG(guidance_scale)``."""
         adapter = ClassUNetAdapter(self.unet)
@@ -240,23 +267,92 @@ class ClassConditionalBackend:
         return (latents / 2 + 0.5).clamp(0, 1)
 
 
-class StableDiffusionBackend:
-    """Stable Diffusion parts (UNet2DConditionModel, AutoencoderKL, CLIP text encoder + tokenizer).
+class LatentTextBackend:
+    """What the text-to-image families share: the image size, the latent shape, the guided network and the VAE
+    decode (optionally checkpointed, so the decoder's activations are recomputed in backward instead of kept).
 
-    Prompts are encoded without gradients; classifier-free guidance with the embedding of ``negative_prompt``
-    (default the empty prompt); images are the VAE decoding mapped to [0, 1].
+    Subclasses set ``adapter_class`` and implement :meth:`encode` and :meth:`to_vae_latents`.
+
+    Args:
+        network: the denoiser called while sampling (LoRA-injected, possibly DDP-wrapped).
+        vae: the ``AutoencoderKL``.
+        scheduler: a Diffusers scheduler.
+        guidance_scale: CFG weight w; 1 = no unconditional pass (and no negative prompt is encoded).
+        resolution: image side in pixels (default: the network's ``sample_size`` times the VAE factor).
+        config_net: the unwrapped network (for its config) when ``network`` is wrapped.
+        multiple: the latent side must divide by this (a transformer's patch size).
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance_scale: float = 7.5,
-                 negative_prompt: str = "", resolution: int | None = None, config_unet=None):
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler, self.guidance_scale, self.negative_prompt = scheduler, float(guidance_scale), negative_prompt
-        self.cfg = (config_unet or unet).config
+    family = "text"
+    adapter_class: type = UNetTextAdapter
+
+    def __init__(self, network, vae, scheduler, guidance_scale: float, resolution: int | None = None,
+                 config_net=None, multiple: int = 1):
+        self.network, self.vae, self.scheduler = network, vae, scheduler
+        self.guidance_scale = float(guidance_scale)
+        self.cfg = (config_net or network).config
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.resolution = resolution or self.cfg.sample_size * self.vae_scale_factor
-        if self.resolution % self.vae_scale_factor:
-            raise ValueError(f"resolution {self.resolution} must be divisible by the VAE factor "
-                             f"{self.vae_scale_factor}")
+        self.resolution = int(resolution or self.cfg.sample_size * self.vae_scale_factor)
+        step = self.vae_scale_factor * multiple
+        if self.resolution < step or self.resolution % step:
+            what = f"the VAE factor {self.vae_scale_factor}" + (f" x patch size {multiple}" if multiple > 1 else "")
+            raise ValueError(f"resolution {self.resolution} must be a positive multiple of {step} ({what})")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def encode(self, prompts, device) -> Conditioning:
+        raise NotImplementedError
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        s = self.resolution // self.vae_scale_factor
+        return (batch, self.cfg.in_channels, s, s)
+
+    def timestep_kwargs(self, shape) -> dict:
+        """Extra ``scheduler.set_timesteps`` arguments for latents of ``shape`` (none by default)."""
+        return {}
+
+    def model_fn(self, cond: Conditioning) -> GuidedModel:
+        """The network with the encoded prompts under ``CFG(guidance_scale)`` (the core's guider, not inline)."""
+        return GuidedModel(self.adapter_class(self.network), cond, CFG(guidance_scale=self.guidance_scale))
+
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalise the denoiser's latents for ``vae.decode`` (the family's scaling/shift)."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1]: ``(vae.decode(to_vae_latents(z)) / 2 + 0.5).clamp(0, 1)``, the VAE call
+        checkpointed when asked. A float32 VAE decodes in float32 even under an fp16 autocast (SDXL's VAE, kept in
+        float32 because it overflows in float16, as Diffusers' ``force_upcast``)."""
+        vae = self.vae
+
+        def dec(z):
+            z = z.to(vae.dtype)
+            if vae.dtype == torch.float32 and torch.is_autocast_enabled(z.device.type):
+                with torch.autocast(z.device.type, enabled=False):
+                    return vae.decode(z).sample
+            return vae.decode(z).sample
+
+        z = self.to_vae_latents(latents)
+        img = checkpoint(dec, z, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled() else dec(z)
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+class StableDiffusionBackend(LatentTextBackend):
+    """Stable Diffusion 1.x/2.x parts (UNet2DConditionModel, AutoencoderKL, CLIP text encoder + tokenizer).
+
+    Prompts are encoded without gradients; classifier-free guidance with the embedding of ``negative_prompt``
+    (default the empty prompt); images are the VAE decoding of ``z / scaling_factor`` mapped to [0, 1].
+    """
+
+    family = "stable_diffusion"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance_scale: float = 7.5,
+                 negative_prompt: str | None = "", resolution: int | None = None, config_unet=None):
+        super().__init__(unet, vae, scheduler, guidance_scale, resolution, config_unet)
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.negative_prompt = "" if negative_prompt is None else negative_prompt
 
     @torch.no_grad()
     def _embed(self, prompts, device):
@@ -267,24 +363,120 @@ class StableDiffusionBackend:
     def encode(self, prompts, device) -> Conditioning:
         """Text embeddings of ``prompts`` and, when guided, of ``negative_prompt`` (the unconditional branch)."""
         cond = self._embed(prompts, device)
-        if self.guidance_scale == 1.0:
+        if not self.guided:
             return Conditioning(cond={"encoder_hidden_states": cond})
         neg = self._embed([self.negative_prompt], device).expand(len(prompts), -1, -1)
         return Conditioning(cond={"encoder_hidden_states": cond}, uncond={"encoder_hidden_states": neg})
 
-    def latent_shape(self, batch: int) -> tuple[int, ...]:
-        s = self.resolution // self.vae_scale_factor
-        return (batch, self.cfg.in_channels, s, s)
+    def to_vae_latents(self, latents):
+        return latents / self.vae.config.scaling_factor
 
-    def model_fn(self, cond: Conditioning) -> GuidedModel:
-        """The UNet with the encoded prompts under ``CFG(guidance_scale)``."""
-        return GuidedModel(UNetTextAdapter(self.unet), cond, CFG(guidance_scale=self.guidance_scale))
 
-    def decode(self, latents: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
-        z = latents / self.vae.config.scaling_factor
+class StableDiffusionXLBackend(LatentTextBackend):
+    """SDXL (Podell et al. 2023): the pipeline's own prompt encoding (two CLIP encoders; pooled embedding of the
+    second) and micro-conditioning time ids, as ``pipelines.GuidedStableDiffusionXLPipeline``.
 
-        def dec(z):
-            return self.vae.decode(z.to(self.vae.dtype)).sample
+    Branches (each ``[B, ...]``): ``encoder_hidden_states`` [B, L, 2048], ``text_embeds`` [B, 1280] and ``time_ids``
+    [B, 6] = (resolution, resolution, 0, 0, resolution, resolution). The unconditional branch is ``negative_prompt``;
+    with ``negative_prompt=None`` it is zeros when the pipeline config has ``force_zeros_for_empty_prompt`` (SDXL
+    base), else the empty prompt, exactly as Diffusers' ``encode_prompt``. Latents are un-normalised with the VAE's
+    ``latents_mean``/``latents_std`` when its config has them, else divided by ``scaling_factor``.
 
-        img = checkpoint(dec, z, use_reentrant=False) if gradient_checkpointing and torch.is_grad_enabled() else dec(z)
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+    Args:
+        pipe: a ``StableDiffusionXLPipeline`` (or our subclass) for its encoders, tokenizers, VAE and config.
+        network: the UNet to call (default ``pipe.unet``; the DDP-wrapped one while training).
+        scheduler: default ``pipe.scheduler``.
+    """
+
+    family = "sdxl"
+    adapter_class = UNetTextAdapter
+
+    def __init__(self, pipe, network=None, scheduler=None, guidance_scale: float = 5.0,
+                 negative_prompt: str | None = None, resolution: int | None = None):
+        super().__init__(network if network is not None else pipe.unet, pipe.vae, scheduler or pipe.scheduler,
+                         guidance_scale, resolution, pipe.unet)
+        self.pipe, self.negative_prompt = pipe, negative_prompt
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("this SDXL UNet embeds the guidance scale (time_cond_proj_dim is set, a guidance-"
+                             "distilled model); AlignProp's CFG needs a UNet with a real unconditional branch")
+
+    @torch.no_grad()
+    def encode(self, prompts, device) -> Conditioning:
+        pipe, n, r = self.pipe, len(prompts), self.resolution
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=self.guided,
+            negative_prompt=self.negative_prompt)
+        proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids((r, r), (0, 0), (r, r), dtype=emb.dtype,
+                                          text_encoder_projection_dim=proj).to(device).repeat(n, 1)
+        cond = {"encoder_hidden_states": emb, "text_embeds": pooled.to(device), "time_ids": time_ids}
+        if not self.guided:
+            return Conditioning(cond=cond)
+        uncond = {"encoder_hidden_states": neg, "text_embeds": neg_pooled.to(device), "time_ids": time_ids}
+        return Conditioning(cond=cond, uncond=uncond)
+
+    def to_vae_latents(self, latents):
+        c = self.vae.config
+        mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            return latents * std / c.scaling_factor + mean
+        return latents / c.scaling_factor
+
+
+class SD3Backend(LatentTextBackend):
+    """SD3-style rectified-flow transformers (Esser et al. 2024): the pipeline's own prompt encoding (two CLIP
+    encoders, optional T5; zeros for T5 without it), ``FlowMatchEulerDiscreteScheduler`` steps with gradients.
+
+    Branches: ``encoder_hidden_states`` [B, 77+L_T5, D] and ``pooled_projections`` [B, D']; the unconditional branch
+    is ``negative_prompt`` ("" when None, as Diffusers). The transformer predicts v = eps - x0 at
+    x_t = (1 - sigma) x0 + sigma eps, and the Euler step is x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v (autograd on).
+    The scheduler's static ``shift`` is in its config; with ``use_dynamic_shifting`` the shift ``mu`` is computed
+    from the latent sequence length (:meth:`timestep_kwargs`), as the pipeline. Latents are decoded as
+    ``z / scaling_factor + shift_factor``.
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` (or our subclass).
+        network: the transformer to call (default ``pipe.transformer``).
+        max_sequence_length: T5 tokens (zeros without T5).
+    """
+
+    family = "sd3"
+    adapter_class = SD3Adapter
+
+    def __init__(self, pipe, network=None, scheduler=None, guidance_scale: float = 7.0,
+                 negative_prompt: str | None = None, resolution: int | None = None, max_sequence_length: int = 256):
+        net = network if network is not None else pipe.transformer
+        super().__init__(net, pipe.vae, scheduler or pipe.scheduler, guidance_scale, resolution, pipe.transformer,
+                         multiple=pipe.transformer.config.patch_size)
+        self.pipe, self.negative_prompt, self.max_sequence_length = pipe, negative_prompt, int(max_sequence_length)
+
+    @torch.no_grad()
+    def encode(self, prompts, device) -> Conditioning:
+        emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=self.guided, negative_prompt=self.negative_prompt,
+            max_sequence_length=self.max_sequence_length)
+        cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+        if not self.guided:
+            return Conditioning(cond=cond)
+        return Conditioning(cond=cond, uncond={"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
+
+    def timestep_kwargs(self, shape) -> dict:
+        cfg = self.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        p = self.cfg.patch_size
+        seq_len = (shape[-2] // p) * (shape[-1] // p)
+        return {"mu": calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))}
+
+    def to_vae_latents(self, latents):
+        return latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+
+
+BACKENDS = {"class_conditional": ClassConditionalBackend, "stable_diffusion": StableDiffusionBackend,
+            "sdxl": StableDiffusionXLBackend, "sd3": SD3Backend}
