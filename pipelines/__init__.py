@@ -24,7 +24,9 @@ __all__ = [
     "OneStepPipeline",
     "OneStepPipelineOutput",
     "LatentRedDiffPipeline",
+    "RedDiffDiTPipeline",
     "RedDiffPipeline",
+    "RedDiffSD3Pipeline",
     "UNetLoraLoaderMixin",
 ]
 
@@ -48,6 +50,10 @@ def __getattr__(name):
         from . import guided_dit
 
         return guided_dit.GuidedDiTPipeline
+    if name in ("RedDiffSD3Pipeline", "RedDiffDiTPipeline"):
+        from . import red_diff_families
+
+        return getattr(red_diff_families, name)
     if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
         from . import lora
 

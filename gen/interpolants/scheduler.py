@@ -364,3 +364,17 @@ class InterpolantSpace(PredictionSpace):
 
     def frame(self, x, timestep):
         return InterpolantFrame(self.scheduler, x, timestep)
+
+    def timestep_at(self, noise, mu: float | None = None) -> torch.Tensor:
+        """Network timesteps at noise fractions ``u`` (1 = noise, 0 = data): interpolant time runs from the noise
+        (t = 0) to the data (t = 1), so ``t = 1 - u`` and the timestep is ``t * num_train_timesteps`` (float32).
+        One-sided interpolants only (``x = alpha(t) z + beta(t) x1``: diffusion ``alpha_d = beta``, ``sigma_d =
+        alpha``)."""
+        kind = self.scheduler.interpolant.kind
+        if kind != "one_sided":
+            raise ValueError(f"a noise fraction maps to a time of a one-sided (noise -> data) interpolant; this one "
+                             f"is {kind!r}")
+        u = torch.as_tensor(noise, dtype=torch.float64).reshape(-1).cpu()
+        if (u < 0).any() or (u > 1).any() or not torch.isfinite(u).all():
+            raise ValueError(f"noise fractions must lie in [0, 1]; got {u.tolist()}")
+        return ((1.0 - u) * float(self.scheduler.config.num_train_timesteps)).float()
