@@ -27,6 +27,7 @@ __all__ = [
     "RedDiffDiTPipeline",
     "RedDiffPipeline",
     "RedDiffSD3Pipeline",
+    "RedDiffSDXLPipeline",
     "UNetLoraLoaderMixin",
 ]
 
@@ -50,7 +51,7 @@ def __getattr__(name):
         from . import guided_dit
 
         return guided_dit.GuidedDiTPipeline
-    if name in ("RedDiffSD3Pipeline", "RedDiffDiTPipeline"):
+    if name in ("RedDiffSD3Pipeline", "RedDiffDiTPipeline", "RedDiffSDXLPipeline"):
         from . import red_diff_families
 
         return getattr(red_diff_families, name)

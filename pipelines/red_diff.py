@@ -1,18 +1,23 @@
-"""Inverse problems with a diffusion prior: RED-Diff (Mardani et al., ICLR 2024, arXiv 2305.04391, Algorithm 1),
-DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse baseline, as Diffusers pipelines.
+"""Inverse problems with a diffusion or flow prior: RED-Diff (Mardani et al., ICLR 2024, arXiv 2305.04391,
+Algorithm 1), DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse baseline, as Diffusers pipelines.
 
-- :class:`RedDiffPipeline` (``unet``, ``scheduler``): pixel-space models such as the digits teacher (class labels
-  optional; a class-conditional UNet runs on its null class when none are given).
+- :class:`RedDiffPipeline` (``unet``, ``scheduler``): pixel-space UNets: diffusion models (VP or rectified-flow
+  scheduler) such as the digits teacher, and one-sided stochastic interpolants such as the digits interpolant (class
+  labels optional; a class-conditional UNet runs on its null class when none are given).
 - :class:`LatentRedDiffPipeline` (``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``): Stable
-  Diffusion components. RED-Diff fits the latent mean ``mu`` (initialised at ``E(H^+ y)``) and the data term goes
-  through the VAE decoder, ``||y - H(D(mu))||^2``; DPS differentiates ``H(D(x0_hat))`` through decoder and UNet.
+  Diffusion 1.x/2.x components. RED-Diff fits the latent mean ``mu`` (initialised at ``E(H^+ y)``) and the data term
+  goes through the VAE decoder, ``||y - H(D(mu))||^2``; DPS differentiates ``H(D(x0_hat))`` through decoder and UNet.
+  The SD3-style, DiT and SDXL pipelines of :mod:`pipelines.red_diff_families` run the same latent loop
+  (``_InverseMixin._latent_call``) with their own conditioning.
 
-Both take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
+All take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
 and ``method`` in ``reddiff``, ``dps``, ``pinv``; eps-, v-, x0- and flow-prediction models work through
-``gen.diffusion``. Network evaluations per image are returned as ``nfe`` (a DPS step also backpropagates).
-Both methods run on the sampling core (:mod:`gen.sampling`): RED-Diff as :class:`gen.inverse.RedDiffSolver`, DPS as
-the per-step :class:`gen.inverse.dps.DPSHook`; ``guidance_scale``/``guider`` guide the prior (class labels or
-prompt against the null class or empty prompt) as in every pipeline.
+``gen.diffusion``. Network evaluations per image are returned as ``nfe`` (a DPS step also backpropagates; a guided
+step counts both branches). Both methods run on the sampling core (:mod:`gen.sampling`): RED-Diff as
+:class:`gen.inverse.RedDiffSolver` with the prior scheduler's noising, conversions and grid
+(:func:`gen.inverse.reddiff_grid`), DPS as the per-step :class:`gen.inverse.dps.DPSHook` on the prior's own
+scheduler; ``guidance_scale``/``guider`` guide the prior (class labels or prompt against the null class or empty
+prompt) as in every pipeline.
 """
 
 from __future__ import annotations
@@ -182,14 +187,18 @@ class _InverseMixin:
 
     # --- latent priors ------------------------------------------------------------------------------------------
     def _decode(self, z):
-        """``D(z / scaling_factor + shift_factor)`` (the VAE's ``shift_factor`` is 0 for SD 1.x and DiT)."""
+        """``D(z / scaling_factor + shift_factor)`` in float32 (the VAE's ``shift_factor`` is 0 for SD 1.x and DiT;
+        a half-precision VAE gets its own dtype)."""
         cfg = self.vae.config
-        return self.vae.decode(z / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)).sample
+        z = z / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
     def _encode(self, x):
-        """``(E(x).mean - shift_factor) * scaling_factor``: the latent whose decoding is closest to ``x``."""
+        """``(E(x).mean - shift_factor) * scaling_factor`` in float32: the latent whose decoding is closest to
+        ``x``."""
         cfg = self.vae.config
-        return (self.vae.encode(x).latent_dist.mean - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+        mean = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()
+        return (mean - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
 
     def _latent_call(self, adapter, conditioning_fn, measurement, operator, method, num_inference_steps, lr, lam,
                      weighting, obs_weight, t_max, t_min, noise_max, noise_min, zeta, eta, x_init, height, width,
@@ -213,7 +222,9 @@ class _InverseMixin:
                                                        callback)
         check_condition(batch)
         guider = resolve_guider(guidance_scale, guider)
-        device, dtype = self._execution_device, self.prior.dtype
+        # the solver state (RED-Diff's mu and its Adam moments, DPS's latents) and the data term stay in float32
+        # whatever the networks' dtype; the core casts the network input to the network's dtype
+        device, dtype = self._execution_device, torch.float32
         y = measurement.to(device, dtype)
         if method == "pinv":
             images, nfe = operator.pinv(y, x_shape), 0

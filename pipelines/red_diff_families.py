@@ -1,5 +1,6 @@
 """RED-Diff (Mardani et al., ICLR 2024, Algorithm 1), DPS (Chung et al., ICLR 2023, Algorithm 1) and the
-pseudo-inverse with latent transformer priors: SD3-style rectified-flow MMDiTs and class-conditional DiT.
+pseudo-inverse with the latent priors of the other model families: SD3-style rectified-flow MMDiTs, class-conditional
+DiT and SDXL.
 
 Both pipelines subclass the family's Diffusers pipeline (so hub folders load, and the prompt encoding and label
 names are Diffusers' own) and run the one latent loop of :class:`pipelines.red_diff.LatentRedDiffPipeline`
@@ -13,17 +14,23 @@ VAE decoder; DPS differentiates ``H(D(x0_hat))`` through decoder and transformer
 - :class:`RedDiffDiTPipeline`: ``class_labels`` (ints or ``pipe.labels`` names; default the null class
   ``num_embeds_ada_norm``, i.e. the unconditional prior); guidance against the null class. ``prompt`` is a
   ``ValueError``.
+- :class:`RedDiffSDXLPipeline`: ``prompt`` (two CLIP encoders, the pooled ``text_embeds`` and the micro-conditioning
+  ``time_ids`` of the image size); the unconditional branch is Diffusers' SDXL one (zeros with
+  ``force_zeros_for_empty_prompt``, else the empty prompt).
+
+The solver state (RED-Diff's ``mu`` and its Adam moments, DPS's latents) and the data term are float32 whatever the
+networks' dtype. SDXL's VAE overflows in float16: load a float32 VAE (or a float16-safe one) for it.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DiTPipeline, StableDiffusion3Pipeline
+from diffusers import DiTPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from gen import validate
 from gen.inverse import Operator
-from gen.sampling import Conditioning, DiTAdapter, SD3Adapter, unwrap_network
+from gen.sampling import Conditioning, DiTAdapter, SD3Adapter, UNetTextAdapter, unwrap_network
 from gen.sampling.pipeline import ArgumentTypeError, class_labels_tensor
 
 from .red_diff import _InverseMixin, check_prior_scheduler
@@ -220,3 +227,94 @@ class RedDiffDiTPipeline(_InverseMixin, DiTPipeline):
                                  weighting, obs_weight, t_max, t_min, noise_max, noise_min, zeta, eta, x_init, height,
                                  width, generator, output_type, return_dict, callback, guidance_scale, guider,
                                  check_condition, size_multiple=self.transformer.config.patch_size)
+
+
+class RedDiffSDXLPipeline(_InverseMixin, StableDiffusionXLPipeline):
+    """Inverse problems with an SDXL prior (``UNet2DConditionModel`` with the ``text_time`` embedding, any VP
+    scheduler); the operator acts on decoded images ``[B, 3, H, W]`` in [-1, 1].
+
+    Example:
+        >>> pipe = RedDiffSDXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+        >>> out = pipe(op.measure(x), op, prompt="a photo of a cat", method="reddiff", t_max=500)
+    """
+
+    _folder_classes = ("RedDiffSDXLPipeline", "StableDiffusionXLPipeline", "GuidedStableDiffusionXLPipeline")
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
+                 add_watermarker: bool | None = None):
+        from diffusers import UNet2DConditionModel
+
+        _check_network(unet, UNet2DConditionModel, "RedDiffSDXLPipeline",
+                       " (SD3-style transformers: RedDiffSD3Pipeline; DiT: RedDiffDiTPipeline)")
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError("RedDiffSDXLPipeline needs an SDXL UNet (addition_embed_type='text_time'); this one has "
+                             f"{unet.config.addition_embed_type!r} (SD 1.x/2.x: LatentRedDiffPipeline)")
+        if unet.config.time_cond_proj_dim is not None:
+            raise ValueError("this UNet embeds the guidance scale (time_cond_proj_dim is set, a guidance-distilled "
+                             "model): it has no plain prior branch")
+        check_prior_scheduler(scheduler, "RedDiffSDXLPipeline")
+        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        measurement: torch.Tensor,
+        operator: Operator,
+        prompt: str | list[str] = "",
+        method: str = "reddiff",
+        num_inference_steps: int = 50,
+        lr: float = 0.1,
+        lam: float = 0.25,
+        weighting: str = "linear",
+        obs_weight: float | None = None,
+        t_max: int | None = None,
+        t_min: int | None = None,
+        zeta: float = 1.0,
+        eta: float = 1.0,
+        x_init: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        guidance_scale: float = 1.0,
+        guider=None,
+        noise_max: float | None = None,
+        noise_min: float | None = None,
+        class_labels=None,
+    ):
+        """Restore images from a measurement of ``[B, 3, height, width]`` images in [-1, 1].
+
+        Args are those of :meth:`pipelines.RedDiffPipeline.__call__`, plus ``prompt`` (one string, or one per
+        measurement) and ``x_init`` (an initial image, encoded to the initial latent); the ``time_ids`` are the
+        image size (original = target, no crop). ``class_labels`` is refused: SDXL is text-conditional.
+        """
+        adapter = UNetTextAdapter(self.unet)
+        adapter.check_condition(prompt=prompt, class_labels=class_labels)
+
+        def check_condition(batch):
+            validate.prompts("prompt", prompt, batch=batch)
+
+        def conditioning(batch, device):
+            texts = validate.prompts("prompt", prompt, batch=batch)
+            cond, uncond, pooled, uncond_pooled = self.encode_prompt(
+                prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            f = self.vae_scale_factor
+            size = self.unet.config.sample_size
+            size = (height or size * f, width or size * f)
+            proj = int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+            ids = self._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                         text_encoder_projection_dim=proj).to(device).repeat(batch, 1)
+            return Conditioning(cond={"encoder_hidden_states": cond, "text_embeds": pooled.to(device), "time_ids": ids},
+                                uncond={"encoder_hidden_states": uncond, "text_embeds": uncond_pooled.to(device),
+                                        "time_ids": ids})
+
+        return self._latent_call(adapter, conditioning, measurement, operator, method, num_inference_steps, lr, lam,
+                                 weighting, obs_weight, t_max, t_min, noise_max, noise_min, zeta, eta, x_init, height,
+                                 width, generator, output_type, return_dict, callback, guidance_scale, guider,
+                                 check_condition)

@@ -1,7 +1,8 @@
 """RED-Diff, DPS and the pseudo-inverse with flow and transformer priors, end to end: the shipped digits interpolant
-(pixel space, ``RedDiffPipeline``), a tiny SD3-style MMDiT with a flow-matching scheduler (``RedDiffSD3Pipeline``) and
-a tiny class-conditional DiT (``RedDiffDiTPipeline``), all built offline; the RED-Diff grid each one runs on, save/load
-round trips, and the ``ValueError``s naming unsupported priors and conditions of the wrong kind."""
+(pixel space, ``RedDiffPipeline``), a tiny SD3-style MMDiT with a flow-matching scheduler (``RedDiffSD3Pipeline``),
+a tiny class-conditional DiT (``RedDiffDiTPipeline``) and a tiny SDXL UNet (``RedDiffSDXLPipeline``), all built
+offline; the RED-Diff grid each one runs on, save/load round trips, and the ``ValueError``s naming unsupported priors
+and conditions of the wrong kind."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from gen.inverse import Inpainting, SuperResolution
 from gen.inverse.reddiff import reddiff_grid
 from gen.models import tiny_unet
-from gen.models.tiny_families import build_tiny_dit, build_tiny_sd3
+from gen.models.tiny_families import build_tiny_dit, build_tiny_sd3, build_tiny_sdxl
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -222,3 +223,100 @@ def test_pixel_flow_unet_prior_uses_the_shift():
     vp = _quiet(RedDiffPipeline(unet=tiny_unet(11).eval(), scheduler=DDIMScheduler()))
     with pytest.raises(ValueError, match="not both"):
         vp(y, op, t_max=500, noise_max=0.5)
+
+
+# --- SDXL latent prior ----------------------------------------------------------------------------------------------
+def test_sdxl_prior_every_method():
+    """SDXL (text_time embedding, Euler scheduler with init_noise_sigma > 1): RED-Diff on its training steps, DPS on
+    its own scaled sampler, pinv; guidance counts both branches; an SD 1.x UNet is refused."""
+    from pipelines import RedDiffSDXLPipeline
+
+    pipe = _quiet(RedDiffSDXLPipeline(**build_tiny_sdxl(0)))
+    x = rgb()
+    op = SuperResolution(2, sigma_y=0.05)
+    y = op.measure(x, generator=_g(1))
+    seen, red = _times(pipe, y, op, prompt=["a cat", "a dog"], num_inference_steps=3, t_max=599, generator=_g())
+    assert seen.tolist() == [400.0, 200.0, 0.0] and red.nfe == 3 and torch.isfinite(red.images).all()
+    dps = pipe(y, op, prompt="a cat", method="dps", num_inference_steps=3, guidance_scale=2.0, generator=_g(),
+               output_type="pt")
+    assert dps.nfe == 6 and torch.isfinite(dps.images).all() and dps.images.shape == (2, 3, 16, 16)
+    assert pipe(y, op, method="pinv", output_type="pt").nfe == 0
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe(y, op, class_labels=[1, 2])
+    from gen.models import build_tiny_sd
+
+    sd = build_tiny_sd(0)
+    with pytest.raises(ValueError, match="text_time"):
+        RedDiffSDXLPipeline(**{**build_tiny_sdxl(0), "unet": sd["unet"]})
+
+
+def test_half_precision_prior_keeps_a_float32_state():
+    """A bfloat16 transformer and VAE: mu (and DPS's latents) stay float32; the core casts the network input."""
+    from pipelines import RedDiffSD3Pipeline
+
+    pipe = _quiet(RedDiffSD3Pipeline(**build_tiny_sd3(0)).to(dtype=torch.bfloat16))
+    op = SuperResolution(2, sigma_y=0.05)
+    y = op.measure(rgb(1), generator=_g(1))
+    dtypes = []
+    for method in ("reddiff", "dps"):
+        out = pipe(y, op, method=method, num_inference_steps=2, max_sequence_length=8, output_type="pt",
+                   callback=lambda i, t, z: dtypes.append(z.dtype))
+        assert torch.isfinite(out.images).all()
+    assert dtypes == [torch.float32] * 4
+
+
+def test_hub_config_calls_are_accepted():
+    """configs/inverse_hub.yaml (GPU settings, not run here): every call section is accepted by its pipeline on tiny
+    components of the same family (1 step), and its load keys are components of the pipeline or torch_dtype."""
+    import inspect
+
+    import yaml
+
+    import pipelines
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "inverse_hub.yaml").read_text())
+    build = {"sd3": build_tiny_sd3, "dit": build_tiny_dit, "sdxl": build_tiny_sdxl}
+    assert set(cfg) == set(build)
+    op = SuperResolution(2, sigma_y=0.05)
+    y = op.measure(rgb(1), generator=_g())
+    for family, section in cfg.items():
+        cls = getattr(pipelines, section["pipeline"])
+        assert set(section["load"]) - {"torch_dtype"} <= set(inspect.signature(cls.__init__).parameters)
+        assert section["height"] % 8 == 0 and section["width"] % 8 == 0
+        pipe = _quiet(cls(**build[family](0)))
+        for call in ("reddiff", "dps"):
+            out = pipe(y, op, **{**section[call], "num_inference_steps": 1}, output_type="pt")
+            assert out.nfe == 1 and torch.isfinite(out.images).all()
+
+
+def test_eval_inverse_priors_smoke(tmp_path):
+    """eval/inverse_priors.py (gen.evaluation.inverse_priors) on 4 test digits, 2 steps, a 2-point tuning grid on 2
+    train images: the rows, the tuned settings, the figure; defaults write under outputs/, shipped folders refused."""
+    import dataclasses
+    import json
+
+    from gen.cli import parse_settings
+    from gen.evaluation import inverse_priors
+
+    settings = parse_settings(inverse_priors.InversePriorsSettings, [
+        "--tasks", "sr2", "--num_images", "4", "--tune_images", "2", "--steps", "2", "--lam", "0.02", "0.1",
+        "--noise_max", "0.5", "--lr", "0.1", "--zeta", "1", "--samplers", "ode", "--num_examples", "2",
+        "--out", str(tmp_path / "ip")])
+    res = inverse_priors.run(settings)
+    rows = json.loads((tmp_path / "ip" / "results.json").read_text())["rows"]
+    assert [(r["prior"], r["method"]) for r in rows] == [("-", "pinv"), ("teacher", "dps"), ("teacher", "reddiff"),
+                                                         ("interpolant", "dps"), ("interpolant", "reddiff")]
+    assert all(np.isfinite(r["psnr"]) and r["nfe"] == (0 if r["method"] == "pinv" else 2) for r in rows)
+    assert len(res["tuning"]) == 2 * (2 + 1)   # per prior: 2 RED-Diff candidates (lam) + 1 DPS candidate
+    assert "| sr2 | 0.05 | interpolant | reddiff |" in (tmp_path / "ip" / "rows.md").read_text()
+    assert (tmp_path / "ip" / "inverse_priors.png").stat().st_size > 0
+    defaults = {f.name: f.default for f in dataclasses.fields(inverse_priors.InversePriorsSettings)}
+    assert defaults["out"].startswith("outputs")
+    with pytest.raises(ValueError, match="update_shipped"):
+        inverse_priors.run(parse_settings(inverse_priors.InversePriorsSettings,
+                                          ["--out", "eval/results/inverse_priors_x", "--num_images", "1",
+                                           "--num_examples", "1"]))
+    with pytest.raises(ValueError, match="tasks"):
+        inverse_priors.InversePriorsSettings(tasks=["inpaint_box", "colorize"])
+    with pytest.raises(ValueError, match="noise_max"):
+        inverse_priors.InversePriorsSettings(noise_max=[1.5])
