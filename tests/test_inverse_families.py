@@ -301,7 +301,7 @@ def test_eval_inverse_priors_smoke(tmp_path):
     settings = parse_settings(inverse_priors.InversePriorsSettings, [
         "--tasks", "sr2", "--num_images", "4", "--tune_images", "2", "--steps", "2", "--lam", "0.02", "0.1",
         "--noise_max", "0.5", "--lr", "0.1", "--zeta", "1", "--samplers", "ode", "--num_examples", "2",
-        "--out", str(tmp_path / "ip")])
+        "--timing_repeats", "1", "--out", str(tmp_path / "ip")])
     res = inverse_priors.run(settings)
     rows = json.loads((tmp_path / "ip" / "results.json").read_text())["rows"]
     assert [(r["prior"], r["method"]) for r in rows] == [("-", "pinv"), ("teacher", "dps"), ("teacher", "reddiff"),
@@ -310,6 +310,8 @@ def test_eval_inverse_priors_smoke(tmp_path):
     assert len(res["tuning"]) == 2 * (2 + 1)   # per prior: 2 RED-Diff candidates (lam) + 1 DPS candidate
     assert "| sr2 | 0.05 | interpolant | reddiff |" in (tmp_path / "ip" / "rows.md").read_text()
     assert (tmp_path / "ip" / "inverse_priors.png").stat().st_size > 0
+    assert set(res["timing"]["median_s"]) == {"teacher/reddiff", "teacher/dps", "interpolant/reddiff",
+                                              "interpolant/dps"}
     defaults = {f.name: f.default for f in dataclasses.fields(inverse_priors.InversePriorsSettings)}
     assert defaults["out"].startswith("outputs")
     with pytest.raises(ValueError, match="update_shipped"):

@@ -238,6 +238,10 @@ def test_reddiff_grid_in_each_priors_own_timesteps():
     interp = InterpolantScheduler()
     grid = reddiff_grid(interp, 4, noise_max=0.8, noise_min=0.0)
     torch.testing.assert_close(grid, torch.tensor([400.0, 600.0, 800.0, 1000.0]))   # t = 1 - u: noise first
+    # an x1 prediction gives no E[z | x] at t = 1 (alpha = 0), a noise prediction no E[x1 | x] at t = 0: 1e-3 inside
+    assert float(reddiff_grid(InterpolantScheduler(prediction_type="x1"), 4)[-1]) == pytest.approx(999.0)
+    assert float(reddiff_grid(InterpolantScheduler(prediction_type="noise"), 1, noise_max=1.0)[0]) == 1000.0
+    assert float(InterpolantScheduler(prediction_type="noise").prediction_space().timestep_at([1.0])[0]) == 1.0
     with pytest.raises(ValueError, match="dynamic"):
         reddiff_grid(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 4)
     with pytest.raises(ValueError, match="noise_min"):

@@ -17,8 +17,11 @@ sampler is deterministic (``ode``: the teacher's DDIM with eta = 0, the interpol
 t = 1 is one more evaluation). The shipped interpolant's own Heun solver is not used for DPS: it takes 2 evaluations
 a step. Then both priors run on the first ``num_images`` *test* images with their tuned settings.
 
-Writes ``results.json`` (machine, settings, the tuning runs, the rows), ``rows.md`` and ``inverse_priors.png``
-(columns: examples per task; rows: ``H^+ y``, each prior and method, the ground truth).
+Wall time: besides each row's own run, ``timing_repeats`` interleaved rounds of the four runs on the first task
+(after a warm-up round; medians), since the machine is shared.
+
+Writes ``results.json`` (machine, settings, the tuning runs, the rows, the timing), ``rows.md`` and
+``inverse_priors.png`` (columns: examples per task; rows: ``H^+ y``, each prior and method, the ground truth).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class InversePriorsSettings:
     samplers: list[str] = option(["ode", "sde"], "DPS samplers to tune over", choices=SAMPLERS)
     num_examples: int = option(4, "examples per task in the figure")
     settings_file: str = option("configs/inverse_digits.yaml", "task definitions (its `tasks` section)")
+    timing_repeats: int = option(3, "interleaved timing rounds on the first task after a warm-up (0: none)")
+    only: str | None = option(None, "quality: tune and measure only; timing: re-time with the tuned settings of "
+                                    "an existing results.json in --out", choices=("quality", "timing"))
     seed: int = option(0, "seed of the measurement noise and of the methods' noise")
     threads: int = option(1, "torch threads")
     out: str = option("outputs/inverse_priors", "output folder (results.json, rows.md, inverse_priors.png)")
@@ -69,6 +75,8 @@ class InversePriorsSettings:
         for name in ("num_images", "steps", "batch_size", "threads"):
             validate.integer(name, getattr(self, name), 1)
         validate.integer("tune_images", self.tune_images, 0)
+        validate.integer("timing_repeats", self.timing_repeats, 0)
+        validate.choice("only", self.only, ("quality", "timing"), allow_none=True)
         validate.integer("num_examples", self.num_examples, 0, self.num_images)
         validate.number("sigma_y", self.sigma_y, 0.0)
         for task in self.tasks:
@@ -270,8 +278,35 @@ def figure(examples: dict, settings, path: Path) -> Path | None:
                               col_labels=cols)
 
 
+def timing(settings, priors, tasks_cfg, best) -> dict:
+    """Wall time at equal steps, controlled: on the first task, ``timing_repeats`` interleaved rounds of the four
+    (prior, method) runs after one warm-up round, same images, batch and thread count; medians per run."""
+    import statistics
+
+    from gen.data.digits import load_digits16
+
+    x, _ = load_digits16("test")
+    x = x[:settings.num_images]
+    task = settings.tasks[0]
+    op = task_operator(task, settings.sigma_y, x.shape[0], tasks_cfg, seed=settings.seed)
+    y = op.measure(x, generator=torch.Generator().manual_seed(settings.seed + 3))
+    keys = list(itertools.product(PRIORS, ("reddiff", "dps")))
+    walls: dict = {f"{p}/{m}": [] for p, m in keys}
+    for round_ in range(settings.timing_repeats + 1):
+        for prior, method in keys:
+            pipe, name, kwargs = _call(priors, prior, method, best[prior][task][method])
+            _, wall, nfe = restore(pipe, op, y, name, settings.steps, kwargs, settings.seed, settings.batch_size)
+            if round_:  # round 0 warms up
+                walls[f"{prior}/{method}"].append(round(wall, 2))
+    out = {"task": task, "n": x.shape[0], "steps": settings.steps, "repeats": settings.timing_repeats,
+           "wall_s": walls, "median_s": {k: statistics.median(v) for k, v in walls.items()}}
+    logger.info("timing on %s (medians, s): %s", task, out["median_s"])
+    return out
+
+
 def run(settings: InversePriorsSettings) -> dict:
-    """Tune (train images), measure (test images), write ``results.json``, ``rows.md`` and the figure."""
+    """Tune (train images), measure (test images), time (interleaved); write ``results.json``, ``rows.md`` and the
+    figure. ``only=timing`` re-times with the tuned settings of an existing ``results.json`` in ``out``."""
     import yaml
 
     for key in ("teacher", "interpolant", "settings_file"):  # repo-relative defaults work from any directory
@@ -281,7 +316,17 @@ def run(settings: InversePriorsSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tasks_cfg = yaml.safe_load(Path(settings.settings_file).read_text())["tasks"]
     priors = load_priors(settings)
+    path = out / "results.json"
     t0 = time.time()
+    if settings.only == "timing":
+        if not path.exists():
+            raise ValueError(f"only=timing needs the tuned settings of a previous run in {path}; run without --only")
+        results = json.loads(path.read_text())
+        results["timing"] = timing(settings, priors, tasks_cfg, results["tuned"])
+        results["timing"]["machine"] = machine()
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        results["markdown"] = (out / "rows.md").read_text() if (out / "rows.md").exists() else ""
+        return results
     best, runs = tune(settings, priors, tasks_cfg)
     tune_s = time.time() - t0
     rows, examples = measure(settings, priors, tasks_cfg, best)
@@ -298,9 +343,11 @@ def run(settings: InversePriorsSettings) -> dict:
     results = {"machine": machine(), "settings": {**dataclasses.asdict(settings),
                                                   **{k: rel(getattr(settings, k)) for k in
                                                      ("teacher", "interpolant", "settings_file", "out")}},
-               "tuning": runs, "tuned": best, "rows": rows, "tune_wall_s": round(tune_s, 1),
-               "total_wall_s": round(time.time() - t0, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+               "tuning": runs, "tuned": best, "rows": rows, "tune_wall_s": round(tune_s, 1)}
+    if settings.timing_repeats and settings.only != "quality":
+        results["timing"] = timing(settings, priors, tasks_cfg, best)
+    results["total_wall_s"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(results, indent=1) + "\n")
     results["markdown"] = md
     results["figure"] = None if fig is None else str(fig)
     return results
