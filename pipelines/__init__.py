@@ -24,7 +24,10 @@ __all__ = [
     "OneStepPipeline",
     "OneStepPipelineOutput",
     "LatentRedDiffPipeline",
+    "RedDiffDiTPipeline",
     "RedDiffPipeline",
+    "RedDiffSD3Pipeline",
+    "RedDiffSDXLPipeline",
     "UNetLoraLoaderMixin",
 ]
 
@@ -48,6 +51,10 @@ def __getattr__(name):
         from . import guided_dit
 
         return guided_dit.GuidedDiTPipeline
+    if name in ("RedDiffSD3Pipeline", "RedDiffDiTPipeline", "RedDiffSDXLPipeline"):
+        from . import red_diff_families
+
+        return getattr(red_diff_families, name)
     if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
         from . import lora
 

@@ -13,6 +13,11 @@ With the data term ``w ||y - H mu||^2 / 2`` the stationary point of the expected
 
 With the weighting ``lambda_t = (alpha^2 s^2 + sigma^2) / (alpha sigma s^2)`` the precision is ``1 / s^2`` at every
 ``t``, and with ``w = 1 / sigma_y^2`` ``mu*`` is the exact posterior mean (= MAP) of the linear-Gaussian problem.
+
+None of this needs the VP relation ``alpha^2 + sigma^2 = 1``: the same holds for rectified flow (``alpha = 1 - s``,
+``sigma = s``, the network predicting ``u = eps - x0``) and for a one-sided linear interpolant ``x = (1 - t) z + t x1``
+(``alpha = t``, ``sigma = 1 - t``, time running from noise to data, the network predicting the velocity
+``E[x1 - z | x]``), so the posterior-mean test runs on all three priors with the RED-Diff grid of each.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from gen.diffusion import alpha_sigma, from_x0_eps
+from gen.interpolants.scheduler import InterpolantScheduler
 from gen.inverse import (
     WEIGHTINGS,
     GaussianBlur,
@@ -35,6 +41,9 @@ from gen.inverse import (
     reddiff_timesteps,
     snr_weight,
 )
+from gen.inverse.dps import DPSHook
+from gen.inverse.reddiff import RedDiffSolver, reddiff_grid, run_red_diff
+from gen.sampling import CallableAdapter, denoise
 
 SHAPE = (2, 1, 4, 4)
 S = 0.5  # prior std
@@ -142,11 +151,44 @@ def test_reddiff_fixed_t_converges_to_gaussian_stationary_point(name):
     assert err < 0.03 and rms < 0.01, (err, rms, gap)  # measured: max 0.006-0.011, rms 0.003-0.004
 
 
+def family_prior(family: str, m):
+    """``(scheduler, network)``: the exact network of the prior N(m, S^2 I) in the family's own prediction space and
+    time, recomputed here from ``x = a x0 + s eps`` (no library conversion)."""
+
+    def means(x, a, s):
+        d = a**2 * S**2 + s**2
+        return m + a * S**2 * (x - a * m) / d, s * (x - a * m) / d   # E[x0 | x], E[eps | x]
+
+    if family == "vp":
+        sched = scheduler()
+        return sched, gaussian_model(m, sched, "epsilon")
+    if family == "flow":   # SD3-style: FlowMatchEulerDiscreteScheduler with shift 3, t = 1000 s, a = 1 - s
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+        def flow(x, t):
+            s = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1) / 1000
+            x0, eps = means(x, 1 - s, s)
+            return eps - x0
+
+        return sched, flow
+    sched = InterpolantScheduler(path="linear", prediction_type="velocity")   # x = (1 - t) z + t x1, t = T / 1000
+
+    def velocity(x, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1) / 1000
+        x1, z = means(x, t, 1 - t)
+        return x1 - z   # d/dt [(1 - t) z + t x1]
+
+    return sched, velocity
+
+
+@pytest.mark.parametrize("family", ["vp", "flow", "interpolant"])
 @pytest.mark.parametrize("name", ["sr2", "inpaint"])
-def test_reddiff_converges_to_gaussian_posterior_mean(name):
+def test_reddiff_converges_to_gaussian_posterior_mean(name, family):
     """Over a descending grid, with the weighting that makes p_t = 1/s^2 and w = 1/sigma_y^2, RED-Diff settles at the
-    exact posterior mean E[x | y] of y = H x + sigma_y n, x ~ N(m, s^2 I)."""
-    sched, m = scheduler(), prior_mean()
+    exact posterior mean E[x | y] of y = H x + sigma_y n, x ~ N(m, s^2 I), with a VP, a rectified-flow (shift 3) and
+    an interpolant prior (the noising, eps_hat and the grid from each prior's scheduler)."""
+    m = prior_mean()
+    sched, model = family_prior(family, m)
     op = operators()[name]
     op.sigma_y = 0.3
     x = m + S * torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -156,16 +198,108 @@ def test_reddiff_converges_to_gaussian_posterior_mean(name):
     def weighting(alpha, sigma):
         return (alpha**2 * S**2 + sigma**2) / (alpha * sigma * S**2)
 
-    # the noise of the regulariser is alpha/sigma * eps here: keep t where alpha/sigma < 1
-    steps = reddiff_timesteps(800, 1000, t_max=950, t_min=550)
-    _, avg = run_averaged(gaussian_model(m, sched, "epsilon"), "epsilon", sched, op, y, op.pinv(y, SHAPE), steps,
-                          1.0, weighting, lr=0.01)
+    # the noise of the regulariser is alpha/sigma * eps here: keep noise fractions where alpha/sigma < 1
+    # (VP: t in 550..950, the reference grid reddiff_timesteps(800, 1000, t_max=950, t_min=550))
+    steps = reddiff_grid(sched, 800, noise_max=0.951, noise_min=0.55)
+    if family == "vp":
+        assert torch.equal(steps, reddiff_timesteps(800, 1000, t_max=950, t_min=550))
+    iterates = []
+    solver = RedDiffSolver(op, y, op.pinv(y, SHAPE), timesteps=steps, prior=sched, lr=0.01, lam=1.0,
+                           weighting=weighting, generator=torch.Generator().manual_seed(0))
+    run_red_diff(CallableAdapter(model), solver,
+                 callback=lambda i, t, mu: iterates.append(mu.clone()) if i >= 400 else None)
+    avg = torch.stack(iterates).mean(0)
     err, rms = float((avg - posterior_mean).abs().max()), float((avg - posterior_mean).pow(2).mean().sqrt())
     wrong_prior = stationary_point(op, y, m, 1 / op.sigma_y**2, 0.25 / S**2)
     gap = min(float((op.pinv(y, SHAPE) - posterior_mean).abs().max()),
               float((wrong_prior - posterior_mean).abs().max()))
     assert gap > 0.1
     assert err < 0.03 and rms < 0.01, (err, rms, gap)
+
+
+def test_reddiff_grid_in_each_priors_own_timesteps():
+    """The grid from high to low noise: VP training steps (the reference grid), the flow scheduler's own shifted
+    timesteps (Diffusers' set_timesteps at the same unshifted sigmas), the interpolant's reversed time."""
+    vp = scheduler()
+    for n in (1, 7, 20, 50, 333):
+        assert torch.equal(reddiff_grid(vp, n), reddiff_timesteps(n))
+        assert torch.equal(reddiff_grid(vp, n, noise_max=0.251), reddiff_timesteps(n, t_max=250))
+    u = torch.arange(6, dtype=torch.float64).flip(0) / 6   # 5/6, ..., 0
+    for kwargs, mu in (({"shift": 3.0}, None), ({"shift": 1.0}, None), ({"use_dynamic_shifting": True}, 0.8)):
+        flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **kwargs)
+        grid = reddiff_grid(flow, 6, mu=mu)
+        ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **kwargs)
+        with torch.no_grad(), pytest.warns(RuntimeWarning) if mu is not None else _nullcontext():
+            ref.set_timesteps(sigmas=u.tolist(), **({} if mu is None else {"mu": mu}))
+        torch.testing.assert_close(grid, ref.timesteps.float(), atol=2e-4, rtol=0)
+        assert (grid[:-1] > grid[1:]).all() and float(grid[-1]) == 0.0
+    shift3 = reddiff_grid(FlowMatchEulerDiscreteScheduler(shift=3.0), 4)
+    torch.testing.assert_close(shift3, torch.tensor([1000 * 3 * 0.75 / 2.5, 1000 * 1.5 / 2, 1000 * 0.75 / 1.5, 0.0]))
+    interp = InterpolantScheduler()
+    grid = reddiff_grid(interp, 4, noise_max=0.8, noise_min=0.0)
+    torch.testing.assert_close(grid, torch.tensor([400.0, 600.0, 800.0, 1000.0]))   # t = 1 - u: noise first
+    # an x1 prediction gives no E[z | x] at t = 1 (alpha = 0), a noise prediction no E[x1 | x] at t = 0: 1e-3 inside
+    assert float(reddiff_grid(InterpolantScheduler(prediction_type="x1"), 4)[-1]) == pytest.approx(999.0)
+    assert float(reddiff_grid(InterpolantScheduler(prediction_type="noise"), 1, noise_max=1.0)[0]) == 1000.0
+    assert float(InterpolantScheduler(prediction_type="noise").prediction_space().timestep_at([1.0])[0]) == 1.0
+    with pytest.raises(ValueError, match="dynamic"):
+        reddiff_grid(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 4)
+    with pytest.raises(ValueError, match="noise_min"):
+        reddiff_grid(vp, 4, noise_max=0.3, noise_min=0.5)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_reddiff_interpolant_is_the_flow_with_time_reversed():
+    """The linear one-sided interpolant at time t is rectified flow at s = 1 - t with the velocity negated: RED-Diff
+    with a network read both ways (same eps draws) gives the same iterates, so the interpolant's reversed time and
+    its (x1, z) <-> (x0, eps) reading are right."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 1, 4, 4, dtype=torch.float64) * 0.3
+
+    def interp_net(x, t):   # any network, as a function of interpolant time t (0 = noise)
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1) / 1000
+        return torch.tanh(x * (1 + t)) + w * t
+
+    def flow_net(x, t):     # the same network as a rectified flow: s = 1 - t, u = eps - x0 = -(x1 - z)
+        return -interp_net(x, 1000 - torch.as_tensor(t, dtype=torch.float64))
+
+    op = SuperResolution(2, sigma_y=0.1)
+    y = op.forward(prior_mean())
+    outs = []
+    for sched, net in ((InterpolantScheduler(path="linear"), interp_net),
+                       (FlowMatchEulerDiscreteScheduler(shift=1.0), flow_net)):
+        steps = reddiff_grid(sched, 12, noise_max=0.9)
+        solver = RedDiffSolver(op, y, op.pinv(y, SHAPE), timesteps=steps, prior=sched, lr=0.05, lam=0.5,
+                               generator=torch.Generator().manual_seed(3))
+        outs.append(run_red_diff(CallableAdapter(net), solver))
+    # equal up to the float32 rounding of the two grids' timesteps (measured: 5e-9)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-7, rtol=0)
+    assert float((outs[0] - op.pinv(y, SHAPE)).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("family", ["vp", "flow", "interpolant"])
+def test_dps_moves_towards_the_measurement_every_family(family):
+    """DPS as the core's hook: x0_hat comes from each prior's frame (flow: x_t - s u; interpolant: E[x1 | x]), and
+    zeta > 0 ends with a far smaller data residual than the plain sampler from the same noise."""
+    m = prior_mean()
+    op = Inpainting.box((4, 4), 2, sigma_y=0.05)
+    batch = (64, 1, 4, 4)
+    m_b = m[:1].expand(batch)
+    x = m_b + S * torch.randn(batch, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    y = op.measure(x, generator=torch.Generator().manual_seed(9))
+    noise = torch.randn(batch, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    res = {}
+    for zeta in (0.0, 0.5):
+        sched, model = family_prior(family, m_b)
+        sched.set_timesteps(30)
+        out = denoise(CallableAdapter(model), sched, noise, 30, hook=DPSHook(op, y, zeta)).sample
+        res[zeta] = float((y - op.forward(out)).flatten(1).norm(dim=1).mean())
+    assert res[0.5] < 0.3 * res[0.0], res
 
 
 @pytest.mark.parametrize("pred_type", ["sample", "v_prediction"])

@@ -14,6 +14,13 @@ classifier-free guidance, is the same in every space); the multiplicative (GBM) 
 log-space noise ``z`` first. A family plugs in by giving its scheduler a ``prediction_space()`` method that returns
 a :class:`PredictionSpace`; Diffusers' variance-preserving and rectified-flow schedulers get
 :class:`DiffusionSpace` from :func:`prediction_space`.
+
+Methods that noise a point themselves (RED-Diff: ``x_t = alpha_t mu + sigma_t eps``) use two more maps of a space:
+:meth:`PredictionSpace.input_frame` (the frame whose network input is a given ``x_t``) and
+:meth:`PredictionSpace.timestep_at` (the family's timestep at a *noise fraction* ``u`` in [0, 1]: 1 is the noise end
+of the training time, 0 the data end, and a uniform grid in ``u`` is spaced as the family's own sampler spaces its
+steps: uniform training timesteps for VP, the scheduler's ``shift`` (or dynamic ``mu``) for rectified flow, uniform
+``t`` for an interpolant, whose time runs the other way).
 """
 
 from __future__ import annotations
@@ -93,6 +100,21 @@ class PredictionSpace:
     def prepare(self, timesteps, like: torch.Tensor) -> None:
         """Optional: precompute what the frames of a run at ``timesteps`` need (the core calls it once per run,
         before the loop). Must not change any value a frame gives; the default does nothing."""
+
+    def input_frame(self, x_in: torch.Tensor, timestep) -> Frame:
+        """The frame whose network input is ``x_in`` itself, ``x_in = alpha x0 + sigma eps`` (no scheduler input
+        scaling): for methods that build the noisy point themselves. The default is :meth:`frame`, right for spaces
+        whose network input is the sampler state."""
+        return self.frame(x_in, timestep)
+
+    def timestep_at(self, noise, mu: float | None = None) -> torch.Tensor:
+        """The scheduler timesteps at noise fractions ``noise`` (``[N]`` in [0, 1]; 1 = the noise end of the training
+        time, 0 = the data end). ``mu``: a flow scheduler's dynamic shift (ignored elsewhere).
+
+        Raises:
+            ValueError: the family has no such map (the default).
+        """
+        raise ValueError(f"{type(self).__name__} has no map from a noise fraction to a timestep")
 
 
 class DiffusionFrame(Frame):
@@ -209,6 +231,37 @@ class DiffusionSpace(PredictionSpace):
     def frame(self, x, timestep):
         x_in = self._scale(x, timestep) if self._scale is not None else x
         return DiffusionFrame(self, x, timestep, x_in)
+
+    def input_frame(self, x_in, timestep):
+        """The frame at the network input ``x_in`` (``scale_model_input`` is not applied: ``x_in`` is already
+        ``alpha_t x0 + sigma_t eps``)."""
+        return DiffusionFrame(self, x_in, timestep, x_in)
+
+    def timestep_at(self, noise, mu: float | None = None) -> torch.Tensor:
+        """Timesteps at noise fractions ``u`` (see :meth:`PredictionSpace.timestep_at`).
+
+        - VP: the training timestep ``floor(u T)`` (``T = num_train_timesteps``; 1e-6 absorbs round-off), at most
+          ``T - 1``, as a long tensor; a uniform grid in ``u`` is then the reference RED-Diff grid.
+        - rectified flow: ``T sigma(u)`` (float32) with the scheduler's shift, ``sigma = s u / (1 + (s - 1) u)``
+          (SD3: s = 3), or with ``use_dynamic_shifting`` its ``time_shift(mu, 1, u)`` (``mu`` required), as
+          ``FlowMatchEulerDiscreteScheduler.set_timesteps`` spaces its sigmas; ``alpha = 1 - sigma``.
+        """
+        u = torch.as_tensor(noise, dtype=torch.float64).reshape(-1).cpu()
+        if (u < 0).any() or (u > 1).any() or not torch.isfinite(u).all():
+            raise ValueError(f"noise fractions must lie in [0, 1]; got {u.tolist()}")
+        if not self.flow:
+            n = len(self._karras)
+            return (u * n + 1e-6).floor().clamp(0, n - 1).long()
+        cfg = self.scheduler.config
+        if cfg.get("use_dynamic_shifting", False):
+            if mu is None:
+                raise ValueError(f"{type(self.scheduler).__name__} has use_dynamic_shifting: pass mu (the resolution-"
+                                 "dependent shift, e.g. diffusers' calculate_shift of the image sequence length)")
+            sigma = self.scheduler.time_shift(float(mu), 1.0, u)
+        else:
+            shift = float(getattr(self.scheduler, "shift", cfg.get("shift", 1.0)))
+            sigma = shift * u / (1.0 + (shift - 1.0) * u)
+        return (sigma * float(cfg.num_train_timesteps)).float()
 
 
 def prediction_space(scheduler) -> PredictionSpace:

@@ -12,6 +12,7 @@ module                                 script / use
 :mod:`gen.evaluation.gbm`              ``eval/gbm.py``: multiplicative diffusion against the additive teacher
 :mod:`gen.evaluation.interpolants`     ``eval/interpolants.py``: 2-D side by side with torchcfm, digits, bridge
 :mod:`gen.evaluation.alignprop`        ``eval/alignprop.py``: reward curve, memory against K, TRL side by side
+:mod:`gen.evaluation.inverse_priors`   ``eval/inverse_priors.py``: RED-Diff / DPS, digits interpolant vs teacher
 =====================================  ========================================================================
 
 Outputs: every default is under ``outputs/`` (ignored by git). Writing into the shipped folders (``checkpoints/``,

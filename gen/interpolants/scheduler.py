@@ -364,3 +364,30 @@ class InterpolantSpace(PredictionSpace):
 
     def frame(self, x, timestep):
         return InterpolantFrame(self.scheduler, x, timestep)
+
+    def timestep_at(self, noise, mu: float | None = None) -> torch.Tensor:
+        """Network timesteps at noise fractions ``u`` (1 = noise, 0 = data): interpolant time runs from the noise
+        (t = 0) to the data (t = 1), so ``t = 1 - u`` and the timestep is ``t * num_train_timesteps`` (float32).
+        An end where the prediction does not determine ``(E[x1|x], E[z|x])`` (x1 prediction at t = 1, noise or score
+        prediction at t = 0) is moved 1e-3 inside, as the sampler's default interval does. One-sided interpolants
+        only (``x = alpha(t) z + beta(t) x1``: diffusion ``alpha_d = beta``, ``sigma_d = alpha``)."""
+        kind = self.scheduler.interpolant.kind
+        if kind != "one_sided":
+            raise ValueError(f"a noise fraction maps to a time of a one-sided (noise -> data) interpolant; this one "
+                             f"is {kind!r}")
+        u = torch.as_tensor(noise, dtype=torch.float64).reshape(-1).cpu()
+        if (u < 0).any() or (u > 1).any() or not torch.isfinite(u).all():
+            raise ValueError(f"noise fractions must lie in [0, 1]; got {u.tolist()}")
+        lo, hi = (0.0 if self._means_finite(0.0) else 1e-3), (1.0 if self._means_finite(1.0) else 1.0 - 1e-3)
+        return ((1.0 - u).clamp(lo, hi) * float(self.scheduler.config.num_train_timesteps)).float()
+
+    def _means_finite(self, t: float) -> bool:
+        """Whether ``(E[x1|x], E[z|x])`` follow from the prediction at ``t`` (probe with x = 0, prediction = 1)."""
+        interp = self.scheduler.interpolant
+        x = torch.zeros(1, 1, dtype=torch.float64)
+        try:
+            m0, m1, _ = interp.means(torch.ones_like(x), self.scheduler.prediction, x,
+                                     interp.coefficients(torch.tensor([t])), None)
+        except ValueError:
+            return False
+        return bool(torch.isfinite(m0).all() and torch.isfinite(m1).all())

@@ -5,8 +5,8 @@ Algorithm 1 of the paper: the posterior is approximated by ``q(x0 | y) = N(mu, s
 and ``mu`` is fitted by Adam. Starting from ``mu = H^+(y)``, for each ``t`` of a descending time grid:
 
     eps ~ N(0, I)
-    x_t = alpha_t mu + sigma_t eps                                   (VP forward process at mu)
-    eps_hat = eps_theta(x_t, t)                                      (no gradient through the network)
+    x_t = alpha_t mu + sigma_t eps                                   (the prior's forward process at mu)
+    eps_hat = E[eps | x_t] from the network at (x_t, t)               (no gradient through the network)
     loss(mu) = w_obs ||y - H(mu)||^2 / 2 + lambda_t <sg(eps_hat - eps), mu>      (paper eq. 9 / Alg. 1)
     mu <- Adam step on loss
 
@@ -16,6 +16,15 @@ weight (default 1, as the reference code's ``obs_weight``) when ``sigma_y = 0``;
 ``linear`` (the paper's default), ``sqrt``, ``square``, ``log`` (``log(1 + r)``), ``clip_linear`` (``min(r, 1)``),
 ``const``, or a callable ``g(alpha, sigma)``. The gradient of the regulariser is ``lambda_t (eps_hat - eps)``,
 the RED/score-matching term, so a step costs one network forward and no backward through the network.
+
+The paper writes the VP process; nothing in the derivation needs more than a Gaussian forward process
+``x_t = alpha_t x0 + sigma_t eps`` and the prior's ``eps_hat = E[eps | x_t]`` (``-sigma_t`` times the score of the
+noised prior), so any prior of the sampling core with such a pair runs: :func:`prior_space` takes ``(alpha_t,
+sigma_t)`` and ``eps_hat`` from the prior scheduler's prediction space (VP; rectified flow ``alpha = 1 - s``,
+``sigma = s``; a one-sided interpolant ``x = alpha(t) z + beta(t) x1`` read as ``alpha_t = beta(t)``, ``sigma_t =
+alpha(t)``), and :func:`reddiff_grid` places the descending grid from high to low noise in the prior's own
+timesteps (a noise fraction mapped by the space: VP training steps, the flow scheduler's shift, the interpolant's
+reversed time).
 
 Sums are over the pixels of each image (the reference code takes means: the same up to a rescaling of lambda).
 Images in a batch are independent (Adam acts per coordinate).
@@ -34,13 +43,14 @@ from collections.abc import Callable
 
 import torch
 
-from gen.diffusion import alpha_sigma, to_x0_eps
+from gen.diffusion import alpha_sigma, from_x0_eps, to_x0_eps
 from gen.diffusion.conversions import PREDICTION_TYPES
-from gen.diffusion.space import Frame, PredictionSpace
+from gen.diffusion.space import Frame, PredictionSpace, prediction_space
 
 from .operators import Operator
 
-__all__ = ["WEIGHTINGS", "RedDiffSolver", "snr_weight", "reddiff_timesteps", "red_diff", "eps_predictor"]
+__all__ = ["SUPPORTED_PRIORS", "WEIGHTINGS", "RedDiffSolver", "eps_predictor", "prior_space", "red_diff",
+           "reddiff_grid", "reddiff_timesteps", "run_red_diff", "snr_weight"]
 
 WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip_linear", "const")
 
@@ -100,35 +110,128 @@ def check_reddiff_settings(lr, lam, weighting) -> None:
         raise ValueError(f"weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable g(alpha, sigma)")
 
 
+SUPPORTED_PRIORS = ("variance-preserving noise schedulers (alphas_cumprod: DDPM, DDIM, Euler, ...)",
+                    "rectified flow (FlowMatchEulerDiscreteScheduler, with its static shift or dynamic mu)",
+                    "one-sided stochastic interpolants (gen.interpolants.InterpolantScheduler)")
+
+
+def prior_space(prior, what: str = "RED-Diff") -> PredictionSpace:
+    """The prediction space of a RED-Diff prior: ``prior`` is the prior's scheduler or a :class:`PredictionSpace`
+    (``what`` names the method or pipeline in the error).
+
+    Raises:
+        ValueError: the family has no noise-fraction map and ``(x0, eps)`` conversions (GBM, two-sided or mirror
+            interpolants, a scheduler without a noise schedule), naming it and listing :data:`SUPPORTED_PRIORS`.
+    """
+    name = type(prior).__name__
+    try:
+        space = prior if isinstance(prior, PredictionSpace) else prediction_space(prior)
+        space.timestep_at(torch.tensor([0.5]), mu=0.0)  # the families that place a noise grid
+    except (ValueError, NotImplementedError, AttributeError) as err:
+        raise ValueError(f"{what} does not support the prior scheduler {name} ({err}); supported: "
+                         f"{'; '.join(SUPPORTED_PRIORS)}") from None
+    return space
+
+
+def reddiff_grid(prior, num_steps: int, noise_max: float = 1.0, noise_min: float = 0.0,
+                 mu: float | None = None) -> torch.Tensor:
+    """RED-Diff's descending time grid for any supported prior, in the prior's own timestep units.
+
+    The reference grid in noise fractions (1 = noise end, 0 = data end): ``u_k = noise_min + k (noise_max -
+    noise_min) / num_steps`` for ``k = num_steps - 1, ..., 0`` (``noise_max`` itself is not visited), mapped by the
+    prior's space (:meth:`gen.diffusion.space.PredictionSpace.timestep_at`): VP floors ``u T`` to training timesteps
+    (``noise_max = (t_max + 1) / T``, ``noise_min = t_min / T`` gives :func:`reddiff_timesteps` exactly), rectified flow
+    applies the scheduler's shift, an interpolant runs its time the other way (``t = 1 - u``).
+
+    Args:
+        prior: the prior's scheduler (or its prediction space).
+        num_steps: grid size (one network evaluation each).
+        noise_max, noise_min: ``0 <= noise_min < noise_max <= 1``.
+        mu: dynamic shift of a flow scheduler with ``use_dynamic_shifting``.
+    Returns:
+        ``[num_steps]`` timesteps, from high noise to low noise.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
+    for name, v in (("noise_max", noise_max), ("noise_min", noise_min)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a number in [0, 1]; got {v!r}")
+    if not 0 <= noise_min < noise_max <= 1:
+        raise ValueError(f"need 0 <= noise_min < noise_max <= 1; got noise_min={noise_min}, noise_max={noise_max}")
+    space = prior_space(prior)
+    u = noise_min + torch.arange(num_steps, dtype=torch.float64) * (noise_max - noise_min) / num_steps
+    return space.timestep_at(u.flip(0), mu=mu)
+
+
+class _ScheduleFrame(Frame):
+    """A frame of the legacy spelling: ``(alpha_t, sigma_t) = schedule(t [B])`` and conversions of one prediction
+    type at the network input ``x_in``."""
+
+    def __init__(self, space: _ScheduleSpace, x_in, timestep):
+        self.space, self.x, self.x_in, self.timestep = space, x_in, x_in, timestep
+        self._as = None
+
+    def alpha_sigma(self):
+        if self._as is None:
+            t_b = torch.as_tensor(self.timestep).reshape(1).expand(self.x_in.shape[0]).to(self.x_in.device)
+            self._as = self.space.schedule(t_b)
+        return self._as
+
+    def to_x0_eps(self, lin):
+        alpha, sigma = self.alpha_sigma()
+        return to_x0_eps(lin, self.space.prediction_type, self.x_in, alpha.to(lin.dtype), sigma.to(lin.dtype))
+
+    def from_x0_eps(self, x0, eps):
+        alpha, sigma = self.alpha_sigma()
+        return from_x0_eps(x0, eps, self.space.prediction_type, alpha.to(x0.dtype), sigma.to(x0.dtype))
+
+
+class _ScheduleSpace(PredictionSpace):
+    """``schedule(t) -> (alpha_t, sigma_t)`` and a prediction type (:func:`red_diff`'s arguments) as a space."""
+
+    def __init__(self, schedule: Callable, prediction_type: str):
+        self.schedule, self.prediction_type = schedule, prediction_type
+
+    def frame(self, x, timestep):
+        return _ScheduleFrame(self, x, timestep)
+
+
 class _RedDiffFrame(Frame):
-    """``x = mu``; the network sees ``x_t = alpha_t mu + sigma_t eps`` with fresh ``eps``; conversions are those of
-    the prior's scheduler at ``x_t``."""
+    """``x = mu``; the network sees ``x_t = alpha_t mu + sigma_t eps`` with fresh ``eps``, ``(alpha_t, sigma_t)`` and
+    every conversion are those of the prior's frame at ``x_t`` (:meth:`PredictionSpace.input_frame`)."""
 
     def __init__(self, solver: RedDiffSolver, mu, timestep):
         self.solver, self.x, self.timestep = solver, mu, timestep
-        t_b = torch.as_tensor(timestep).reshape(1).expand(mu.shape[0]).to(mu.device)
-        self._alpha, self._sigma = solver.schedule(t_b)
+        space = solver.space
+        self._alpha, self._sigma = space.input_frame(mu, timestep).alpha_sigma()
         g = solver.generator
         self.eps = torch.randn(mu.shape, generator=g, dtype=torch.float32,
                                device=getattr(g, "device", "cpu")).to(mu.device, mu.dtype)
         self.x_in = self._alpha * mu + self._sigma * self.eps
+        self.prior = space.input_frame(self.x_in, timestep)
 
     def alpha_sigma(self):
         return self._alpha, self._sigma
 
+    def linear(self, raw):
+        return self.prior.linear(raw)
+
+    def to_scheduler(self, lin):
+        return self.prior.to_scheduler(lin)
+
     def to_x0_eps(self, lin):
-        return to_x0_eps(lin, self.solver.prediction_type, self.x_in, self._alpha.to(lin.dtype),
-                         self._sigma.to(lin.dtype))
+        return self.prior.to_x0_eps(lin)
 
     def from_x0_eps(self, x0, eps):
-        from gen.diffusion import from_x0_eps
-
-        return from_x0_eps(x0, eps, self.solver.prediction_type, self._alpha.to(x0.dtype), self._sigma.to(x0.dtype))
+        return self.prior.from_x0_eps(x0, eps)
 
 
 class _RedDiffSpace(PredictionSpace):
     def __init__(self, solver: RedDiffSolver):
         self.solver = solver
+
+    def prepare(self, timesteps, like):
+        self.solver.space.prepare(timesteps, like)
 
     def frame(self, x, timestep):
         self.solver.last_frame = _RedDiffFrame(self.solver, x, timestep)
@@ -146,29 +249,45 @@ class RedDiffSolver:
 
     (``D`` the optional decoder of latent RED-Diff). The network is never differentiated.
 
+    The prior is given either as its scheduler (``prior=``: VP, rectified flow or a one-sided interpolant; the
+    noising ``(alpha_t, sigma_t)`` and ``eps_hat`` come from its prediction space, :func:`prior_space`) or, the
+    legacy spelling, as ``schedule`` and ``prediction_type``.
+
     Args:
         operator, y: the measurement operator and measurement ``[B, ...]``.
         x_init: the initial mean ``mu`` (``H^+ y``, or its latent encoding).
-        schedule: ``t [B] -> (alpha_t, sigma_t)``, broadcastable against ``mu``.
-        timesteps: 1-D descending grid (:func:`reddiff_timesteps`).
-        prediction_type: the network's prediction space (converted to ``eps_hat`` at ``x_t``).
+        schedule: ``t [B] -> (alpha_t, sigma_t)``, broadcastable against ``mu`` (legacy; None with ``prior``).
+        timesteps: 1-D descending grid in the prior's timesteps (:func:`reddiff_grid`, :func:`reddiff_timesteps`).
+        prediction_type: the network's prediction space with ``schedule`` (converted to ``eps_hat`` at ``x_t``).
         lr, lam, weighting, obs_weight, adam_betas, generator, decode: see :func:`red_diff`.
+        prior: the prior's scheduler or prediction space (instead of ``schedule``/``prediction_type``).
     """
 
     order = 1
 
-    def __init__(self, operator: Operator, y: torch.Tensor, x_init: torch.Tensor, schedule: Callable,
-                 timesteps, prediction_type: str = "epsilon", lr: float = 0.25, lam: float = 0.25,
+    def __init__(self, operator: Operator, y: torch.Tensor, x_init: torch.Tensor, schedule: Callable | None = None,
+                 timesteps=None, prediction_type: str = "epsilon", lr: float = 0.25, lam: float = 0.25,
                  weighting: str | Callable = "linear", obs_weight: float | None = None,
                  adam_betas: tuple[float, float] = (0.9, 0.99), generator: torch.Generator | None = None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, prior=None):
         check_reddiff_settings(lr, lam, weighting)
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+        if (schedule is None) == (prior is None):
+            raise ValueError("give the prior as prior= (its scheduler) or as schedule= with prediction_type=, "
+                             "exactly one of them")
+        if prior is None:
+            if not callable(schedule):
+                raise ValueError(f"schedule must be a callable t -> (alpha_t, sigma_t); got {type(schedule).__name__}")
+            if prediction_type not in PREDICTION_TYPES:
+                raise ValueError(f"prediction_type={prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+            self.space: PredictionSpace = _ScheduleSpace(schedule, prediction_type)
+        else:
+            self.space = prior_space(prior)
         if obs_weight is None:
             obs_weight = 1.0 / operator.sigma_y**2 if operator.sigma_y > 0 else 1.0
         if not math.isfinite(obs_weight) or obs_weight < 0:
             raise ValueError(f"obs_weight must be a finite number >= 0; got {obs_weight!r}")
+        if timesteps is None:
+            raise ValueError("timesteps must be given (reddiff_grid(prior, num_steps) makes the reference grid)")
         timesteps = torch.as_tensor(timesteps)
         if timesteps.ndim != 1 or timesteps.numel() == 0:
             raise ValueError(f"timesteps must be a non-empty 1-D tensor; got shape {tuple(timesteps.shape)}")
@@ -253,8 +372,11 @@ def red_diff(
     return run_red_diff(CallableAdapter(eps_fn), solver, callback=callback, progress=progress)
 
 
-def run_red_diff(model, solver: RedDiffSolver, conditioning=None, guider=None, callback=None, progress=None):
-    """Run ``solver`` with the sampling core on ``model`` (an adapter or network) and return the final ``mu``."""
+def run_red_diff(model, solver: RedDiffSolver, conditioning=None, guider=None, callback=None, progress=None,
+                 return_result: bool = False):
+    """Run ``solver`` with the sampling core on ``model`` (an adapter or network) and return the final ``mu`` (or,
+    with ``return_result``, the core's :class:`gen.sampling.SampleResult`: ``sample`` and ``nfe`` per image, 2 per
+    step when guidance runs both branches)."""
     from gen.sampling import denoise
 
     n = len(solver.timesteps)
@@ -265,4 +387,4 @@ def run_red_diff(model, solver: RedDiffSolver, conditioning=None, guider=None, c
 
     result = denoise(model, solver, solver.initial_state, n, conditioning, guider, keep_grad=[False] * n,
                      progress=progress, on_step_end=on_step_end)
-    return result.sample
+    return result if return_result else result.sample
