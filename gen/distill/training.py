@@ -307,11 +307,7 @@ class FDistillObjective(Objective):
         side = info.image_side
         dataset, n_data, _, _ = build_image_dataset(cfg.dataset, cfg.data_dir, cfg.resolution or side,
                                                     cfg.channels or channels)
-        if isinstance(dataset, dict):
-            shape = tuple(dataset["images"].shape[1:])
-        else:
-            shape = tuple(dataset[0]["images"].shape)
-            dataset = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]}
+        shape = tuple((dataset["images"] if isinstance(dataset, dict) else dataset[0]["images"]).shape[-3:])
         if shape != (channels, side, side):
             raise ValueError(f"the data ({cfg.dataset}) has images of shape {shape} but the teacher takes "
                              f"{(channels, side, side)}: channels and resolution must match")
@@ -339,9 +335,9 @@ class FDistillObjective(Objective):
 
         side = info.image_side
         ds = ImageFolderDataset(cfg.data_dir, cfg.resolution or side, channels=3, class_from_subfolder=False)
-        self.dataset = {"images": torch.stack([ds[i]["images"] for i in range(len(ds))])}
-        if self.dataset["images"].shape[-1] != side:
+        if ds[0]["images"].shape[-1] != side:
             raise ValueError(f"resolution={cfg.resolution} but the teacher's latents decode to {side}px images")
+        self.dataset = ds  # read lazily, one batch at a time
         self.prompts = prompts
 
     def describe(self):
@@ -377,10 +373,17 @@ class FDistillObjective(Objective):
     def _real_batch(self, n, g):
         if self.info is None:
             return self.teacher.sample(n, g), None
-        idx = torch.randint(0, len(self.dataset["images"]), (n,), generator=g)
-        images = self.dataset["images"][idx]
-        labels = self.dataset["class_labels"][idx] if "class_labels" in self.dataset else None
-        return self.info.encode(images.to(self.device)), labels
+        data = self.dataset
+        if isinstance(data, dict):  # a tensor data set (digits16)
+            idx = torch.randint(0, len(data["images"]), (n,), generator=g)
+            images, labels = data["images"][idx], data["class_labels"][idx] if "class_labels" in data else None
+        else:  # an image folder, read one batch at a time
+            idx = torch.randint(0, len(data), (n,), generator=g)
+            rows = [data[int(i)] for i in idx]
+            images = torch.stack([r["images"] for r in rows])
+            labels = torch.stack([torch.as_tensor(r["class_labels"]) for r in rows]) \
+                if "class_labels" in rows[0] else None
+        return self.info.encode(images.to(self.device)), (labels if self.classes else None)
 
     def _generate(self, net, z, cond):
         return one_step_generate(net, self.sched, z, self.cfg.generator_timestep, cond, self.gen_pred)
