@@ -197,7 +197,8 @@ class BareFDistill:
         loss_dsm = F.mse_loss(pred_g.float(), eps_g.float())
         loss_d = discriminator_loss(logits[b:], logits[:b])
         loss_c = loss_dsm + loss_d
-        logs = {"loss_critic": float(loss_c.detach()), "loss_dsm": float(loss_dsm.detach()), "loss_d": float(loss_d.detach())}
+        logs = {"loss_critic": float(loss_c.detach()), "loss_dsm": float(loss_dsm.detach()),
+                "loss_d": float(loss_d.detach())}
         logs["grad_norm_critic"] = self._step(self.c_params, self.opt_c, loss_c)
         if not student_step:
             return logs
