@@ -299,3 +299,27 @@ def test_gpu_configs_parse(name):
     cfg = parse_config(config_class("fdistill"), ["--config", f"configs/fdistill_{name}.yaml"])
     assert cfg.teacher.count("/") == 1 and not Path(cfg.teacher).exists()  # a hub id
     assert (cfg.timestep_shift == 3.0) == (name == "sd3")
+
+
+# --- the eval scripts ----------------------------------------------------------------------------------------------
+def test_bench_copies_and_flow_eval_smoke(tmp_path):
+    from gen.evaluation.bench_fdistill import BenchFDistillSettings
+    from gen.evaluation.bench_fdistill import run as bench
+    from gen.evaluation.fdistill_flow import FDistillFlowSettings
+    from gen.evaluation.fdistill_flow import run as flow
+    from pipelines import InterpolantPipeline, OneStepPipeline
+
+    res = bench(BenchFDistillSettings(out=str(tmp_path / "b"), only=["copies"], teacher=_tiny_teacher(tmp_path),
+                                      lora_rank=2, lora_targets="conv1,conv2"))
+    rows = res["copies"]["rows"]
+    assert rows["shared"]["copies"] < rows["separate"]["copies"] - 1.9 < rows["full"]["copies"]
+    assert rows["shared"]["parts"]["teacher (the shared base)"] == pytest.approx(1.0)
+    assert (tmp_path / "b" / "rows.md").is_file()
+    interp = InterpolantPipeline.from_pretrained("checkpoints/digits-interpolant")
+    OneStepPipeline(unet=interp.unet, scheduler=interp.scheduler, generator_timestep=1000).save_pretrained(
+        tmp_path / "student")
+    res = flow(FDistillFlowSettings(out=str(tmp_path / "f"), student=str(tmp_path / "student"), num_samples=20,
+                                    batch=20, seeds=[0, 1], nfe=[2], samplers=["ode-euler"], timing_batch=10,
+                                    timing_repeats=1))
+    assert [r["nfe"] for r in res["rows"]] == [1, 2] and len(res["rows"][0]["fids"]) == 2
+    assert (tmp_path / "f" / "samples.png").is_file() and "student_vs_best_8_nfe_ode" not in res

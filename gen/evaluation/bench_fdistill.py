@@ -63,6 +63,7 @@ class BenchFDistillSettings:
     batch: int = option(64, "batch of the passes section")
     legacy: bool = option(True, "also time the pre-issue-15 pass structure")
     lora_rank: int = option(4, "LoRA rank of the copies and memory sections")
+    lora_targets: str = option("to_q,to_k,to_v,to_out.0", "LoRA targets of the copies section")
     memory_steps: int = option(6, "iterations of each memory run")
     memory_width: int = option(192, "first-stage channels of the widened tiny-SD UNet (memory section)")
     threads: int = option(1, "torch threads")
@@ -417,7 +418,8 @@ def run_copies(settings) -> dict:
                     "--output_dir", tmp, "--max_train_steps", "2", "--student_update_freq", "2",
                     "--checkpointing_steps", "2", "--train_batch_size", "4", "--log_every", "100"]
             if layout != "full":
-                argv += ["--lora_rank", str(settings.lora_rank), "--lora_shared_base", str(layout == "shared")]
+                argv += ["--lora_rank", str(settings.lora_rank), "--lora_shared_base", str(layout == "shared"),
+                         "--lora_targets", settings.lora_targets]
             cls = objective_class("fdistill")
             cfg = parse_config(cls.config_class, argv)
             acc = make_accelerator(cfg)
@@ -425,7 +427,7 @@ def run_copies(settings) -> dict:
             loop.run()  # two iterations: every optimizer has its state
             rows[layout] = count_copies(loop)
             logger.info("copies %s: %.3f", layout, rows[layout]["copies"])
-    return {"config": settings.config, "lora_rank": settings.lora_rank, "lora_targets": "to_q,to_k,to_v,to_out.0",
+    return {"config": settings.config, "lora_rank": settings.lora_rank, "lora_targets": settings.lora_targets,
             "rows": rows}
 
 
