@@ -25,7 +25,7 @@ class OneStepDiTPipeline(OneStepMixin, GuidedDiTPipeline):
 
     Args:
         transformer, vae, scheduler, id2label: as ``DiTPipeline`` (``transformer``: the student; ``scheduler``: the
-            teacher's).
+            teacher's); ``id2label`` is saved in ``model_index.json`` here, so the label names load back.
         generator_timestep, generator_prediction: see :class:`pipelines.OneStepPipeline`.
     """
 
@@ -33,6 +33,8 @@ class OneStepDiTPipeline(OneStepMixin, GuidedDiTPipeline):
                  generator_prediction: str = "scheduler"):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self._register_one_step(generator_timestep, generator_prediction)
+        if id2label:
+            self.register_to_config(id2label={str(k): v for k, v in id2label.items()})
 
     @torch.no_grad()
     def __call__(

@@ -116,6 +116,10 @@ def test_dit_teacher_end_to_end_with_lora_on_one_base(tmp_path):
     img = pipe(class_labels=[0, 3], output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.images.shape == (2, 16, 16, 3) and img.nfe == 1 and type(pipe.transformer).__name__ == \
         "DiTTransformer2DModel"
+    # label names (DiT-XL-2-256 has ImageNet's) survive the export
+    named = OneStepDiTPipeline(pipe.transformer, pipe.vae, pipe.scheduler, id2label={0: "cat, tabby", 3: "dog"})
+    named.save_pretrained(tmp_path / "named")
+    assert OneStepDiTPipeline.from_pretrained(tmp_path / "named").get_label_ids(["tabby", "dog"]) == [0, 3]
 
 
 def test_sdxl_teacher_end_to_end(tmp_path):

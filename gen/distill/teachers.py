@@ -186,10 +186,15 @@ class Teacher:
         kw = {"generator_timestep": int(generator_timestep), "generator_prediction": generator_prediction}
         if self.family in ("class_unet", "interpolant"):
             names = getattr(self.pipe.config, "class_names", None)
-            return pipelines.OneStepPipeline(unet=student, scheduler=self.scheduler, class_names=names, **kw)
+            return pipelines.OneStepPipeline(unet=student, scheduler=comps["scheduler"], class_names=names, **kw)
         if self.family == "sd":
-            return pipelines.OneStepPipeline(unet=student, scheduler=self.scheduler, vae=comps["vae"],
+            return pipelines.OneStepPipeline(unet=student, scheduler=comps["scheduler"], vae=comps["vae"],
                                              text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], **kw)
+        if self.family == "dit" and getattr(self.pipe, "labels", None):  # DiTPipeline keeps names, not id2label
+            id2label: dict = {}
+            for name, i in self.pipe.labels.items():
+                id2label.setdefault(str(i), []).append(name)
+            kw["id2label"] = {k: ", ".join(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
         cls = {"dit": pipelines.OneStepDiTPipeline, "sdxl": pipelines.OneStepSDXLPipeline,
                "sd3": pipelines.OneStepSD3Pipeline}[self.family]
         key = "unet" if self.family == "sdxl" else "transformer"
