@@ -1,8 +1,9 @@
 """f-distill: one-step generators by f-divergence distribution matching (Xu, Nie & Vahdat 2025, arXiv 2502.15681).
 
 Symbols (paper -> code):
-    G_theta(z)              ``x_gen``: the one-step student's sample, ``generate``
-    x_t = a_t x + s_t eps   ``x_t`` with ``a_t, s_t = alpha_sigma(scheduler, t)``
+    G_theta(z)              ``x_gen``: the one-step student's sample, :func:`gen.distill.one_step_generate`
+    x_t = a_t x + s_t eps   ``x_t`` with ``a_t, s_t`` of the teacher's prediction space at noise timestep ``t``
+                            (:class:`gen.distill.spaces.NoiseLevels`: VP, rectified flow, interpolants)
     grad log p_t            teacher score, through its x0 prediction ``x0_teacher``
     grad log q_t            fake-score network (trained on student samples by DSM), ``x0_fake``
     s_p - s_q = (a_t / s_t^2) (x0_teacher - x0_fake)
@@ -17,8 +18,10 @@ Student loss (FastGen's ``variational_score_distillation_loss`` form):
     L_G = 0.5 mean (x_gen - sg(x_gen - g))^2 + lambda_gan softplus(-D(x_t))     (dL/dx_gen is g / numel)
 Critic (fake score + discriminator head) loss:
     L_C = || net_fake(x_t(sg x_gen)) - target ||^2 + softplus(D(x_t(sg x_gen))) + softplus(-D(x_t(x_real)))
+    (``target``: the teacher's own prediction space: eps, v, flow velocity or interpolant velocity)
 The discriminator is a small head on the fake-score network's mid-level features (DMD2), or on the frozen
-teacher's (FastGen). All ratio maths is done in float32 whatever the networks' precision.
+teacher's (FastGen). All ratio maths is done in float32 whatever the networks' precision. Networks are called
+through their family's adapter (:func:`call_net`), so the same losses serve every family.
 """
 
 from __future__ import annotations
