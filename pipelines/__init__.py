@@ -21,8 +21,11 @@ __all__ = [
     "InterpolantPipeline",
     "InterpolantPipelineOutput",
     "InverseProblemPipelineOutput",
+    "OneStepDiTPipeline",
     "OneStepPipeline",
     "OneStepPipelineOutput",
+    "OneStepSD3Pipeline",
+    "OneStepSDXLPipeline",
     "LatentRedDiffPipeline",
     "RedDiffDiTPipeline",
     "RedDiffPipeline",
@@ -55,6 +58,12 @@ def __getattr__(name):
         from . import red_diff_families
 
         return getattr(red_diff_families, name)
+    if name in ("OneStepSDXLPipeline", "OneStepSD3Pipeline", "OneStepDiTPipeline"):
+        from importlib import import_module
+
+        module = {"OneStepSDXLPipeline": "one_step_sdxl", "OneStepSD3Pipeline": "one_step_sd3",
+                  "OneStepDiTPipeline": "one_step_dit"}[name]
+        return getattr(import_module(f".{module}", __name__), name)
     if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
         from . import lora
 

@@ -1,11 +1,14 @@
 """One-step generation with a distilled student (f-distill, Xu, Nie & Vahdat 2025; DMD, Yin et al. 2024).
 
 The student is a network of the teacher's architecture evaluated once on pure noise ``z`` at the generator
-timestep ``t_g``; its output, read in the teacher's prediction space, is converted to the sample
-(``x0 = (z - sigma_tg eps_hat) / alpha_tg`` for epsilon prediction). No scheduler loop: the scheduler only supplies
-``alpha_tg, sigma_tg``. Class-conditional students (a ``UNet2DModel`` with class embeddings) take ``class_labels``;
-text-to-image students (a ``UNet2DConditionModel`` with ``vae``, ``text_encoder`` and ``tokenizer``) take ``prompt``
-and decode the latent with the VAE.
+timestep ``t_g``; its output, read in the teacher's prediction space, is converted to the sample through the
+family's conversion (:func:`gen.distill.one_step_generate`: ``x0 = (z - sigma_tg eps_hat) / alpha_tg`` for epsilon
+prediction, ``x0 = z - sigma v`` for rectified flow, ``E[x1 | z]`` for an interpolant). No scheduler loop: the
+scheduler only supplies the prediction space at ``t_g``. Class-conditional students (a ``UNet2DModel`` with class
+embeddings, with a VP or a one-sided interpolant scheduler) take ``class_labels``; SD 1.x/2.x students (a
+``UNet2DConditionModel`` with ``vae``, ``text_encoder`` and ``tokenizer``) take ``prompt`` and decode the latent
+with the VAE. The other families' one-step pipelines (SDXL, SD3, DiT) subclass their family pipelines and share
+:class:`OneStepMixin`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from diffusers.utils import BaseOutput
 
 from gen import validate
 from gen.diffusion import PREDICTION_TYPES
-from gen.distill.fdistill import one_step_generate
+from gen.distill.spaces import one_step_generate
 from gen.sampling.adapters import unwrap_network
 from gen.sampling.pipeline import (
     OUTPUT_TYPES,
@@ -42,7 +45,32 @@ class OneStepPipelineOutput(BaseOutput):
     nfe: int
 
 
-class OneStepPipeline(ClassConditionalPipeline):
+class OneStepMixin:
+    """What every one-step pipeline shares: the ``generator_timestep`` / ``generator_prediction`` settings (in
+    ``model_index.json``), the checks that a call asks for one step without guidance, and the one evaluation."""
+
+    def _register_one_step(self, generator_timestep, generator_prediction: str) -> None:
+        validate.choice("generator_prediction", generator_prediction, ("scheduler", *PREDICTION_TYPES))
+        n_train = self.scheduler.config.get("num_train_timesteps", 1000)
+        generator_timestep = validate.integer("generator_timestep", generator_timestep, 0, int(n_train))
+        self.register_to_config(generator_timestep=int(generator_timestep), generator_prediction=generator_prediction)
+
+    @staticmethod
+    def _check_one_step(num_inference_steps, guidance_scale) -> None:
+        if validate.integer("num_inference_steps", num_inference_steps, 1) != 1:
+            raise ValueError(f"a one-step generator takes num_inference_steps=1; got {num_inference_steps!r}")
+        if validate.number("guidance_scale", guidance_scale, 0.0) != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale!r}: a one-step student has no guidance at sampling time "
+                             "(distil with teacher_guidance_scale instead)")
+
+    def _generate(self, net, latents: torch.Tensor, cond: dict) -> torch.Tensor:
+        """x0 of the student ``net`` at pure noise ``latents`` (one network evaluation)."""
+        p = self.config.generator_prediction
+        return one_step_generate(net, self.scheduler, latents, self.config.generator_timestep, cond,
+                                 None if p == "scheduler" else p)
+
+
+class OneStepPipeline(OneStepMixin, ClassConditionalPipeline):
     """Sample a one-step generator: one network evaluation per image.
 
     Example:
@@ -52,9 +80,11 @@ class OneStepPipeline(ClassConditionalPipeline):
 
     Args:
         unet: the generator (teacher architecture).
-        scheduler: the teacher's noise scheduler (gives alpha and sigma at ``generator_timestep``).
+        scheduler: the teacher's scheduler (gives its prediction space at ``generator_timestep``): a Diffusers noise
+            scheduler or a one-sided ``InterpolantScheduler`` (a flow teacher, e.g. ``checkpoints/digits-interpolant``).
         vae, text_encoder, tokenizer: for latent text-to-image students; None for pixel-space students.
-        generator_timestep: the timestep ``t_g`` the generator is evaluated at.
+        generator_timestep: the generator's noise timestep ``t_g`` (0 = data, ``num_train_timesteps`` = noise; the
+            network timestep of a flow or interpolant teacher follows from it, see :mod:`gen.distill.spaces`).
         generator_prediction: how its output is read: ``"scheduler"`` (the scheduler's prediction type) or one of
             ``epsilon``, ``sample``, ``v_prediction``, ``flow``.
     """
@@ -66,13 +96,21 @@ class OneStepPipeline(ClassConditionalPipeline):
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, generator_timestep: int = 999,
                  generator_prediction: str = "scheduler", class_names: list[str] | None = None):
         super().__init__(unet=unet, scheduler=scheduler, class_names=class_names)
-        validate.choice("generator_prediction", generator_prediction, ("scheduler", *PREDICTION_TYPES))
-        n_train = scheduler.config.get("num_train_timesteps", 1000)
-        generator_timestep = validate.integer("generator_timestep", generator_timestep, 0, n_train)
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("a text-to-image student needs both text_encoder and tokenizer (or neither)")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        self.register_to_config(generator_timestep=int(generator_timestep), generator_prediction=generator_prediction)
+        self._register_one_step(generator_timestep, generator_prediction)
+
+    def _check_scheduler(self, scheduler) -> None:
+        """A Diffusers noise scheduler, or a one-sided interpolant scheduler (a flow teacher's)."""
+        from gen.interpolants.scheduler import InterpolantScheduler
+
+        if isinstance(scheduler, InterpolantScheduler):
+            if scheduler.interpolant.kind != "one_sided":
+                raise ArgumentTypeError(f"OneStepPipeline needs a one-sided (noise -> data) interpolant scheduler; "
+                                        f"this one is {scheduler.interpolant.kind!r}")
+            return
+        super()._check_scheduler(scheduler)
 
     def _check_unet(self, unet) -> None:
         from diffusers import UNet2DConditionModel, UNet2DModel
@@ -89,10 +127,6 @@ class OneStepPipeline(ClassConditionalPipeline):
     @property
     def is_text_to_image(self) -> bool:
         return self.text_encoder is not None
-
-    def _prediction_type(self):
-        p = self.config.generator_prediction
-        return None if p == "scheduler" else p
 
     def encode_prompt(self, prompt: list[str], device) -> torch.Tensor:
         tok = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -126,11 +160,7 @@ class OneStepPipeline(ClassConditionalPipeline):
         Returns:
             ``OneStepPipelineOutput(images, nfe=1)`` or a tuple ``(images, 1)``.
         """
-        if validate.integer("num_inference_steps", num_inference_steps, 1) != 1:
-            raise ValueError(f"a one-step generator takes num_inference_steps=1; got {num_inference_steps!r}")
-        if validate.number("guidance_scale", guidance_scale, 0.0) != 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale!r}: a one-step student has no guidance at sampling time "
-                             "(distil with teacher_guidance_scale instead)")
+        self._check_one_step(num_inference_steps, guidance_scale)
         check_output_type(output_type, OUTPUT_TYPES)
         batch_size = validate.integer("batch_size", batch_size, 1, allow_none=True)
         device, dtype = self._execution_device, self.unet.dtype
@@ -154,8 +184,7 @@ class OneStepPipeline(ClassConditionalPipeline):
         check_generator(generator, batch)
         latents = initial_noise(sample_shape(self.unet.config, batch), generator, latents, device, dtype)
         # 1. one network evaluation: z -> x0
-        x0 = one_step_generate(self.unet, self.scheduler, latents, self.config.generator_timestep, cond,
-                               self._prediction_type())
+        x0 = self._generate(self.unet, latents, cond)
         # 2. decode latents (text-to-image), then [-1, 1] -> [0, 1]
         if self.vae is not None:
             x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample

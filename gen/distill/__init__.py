@@ -1,4 +1,6 @@
-"""f-distill (Xu, Nie & Vahdat 2025): f-divergence registry and the distribution-matching losses."""
+"""f-distill (Xu, Nie & Vahdat 2025): f-divergence registry, the distribution-matching losses, noise levels and
+read-outs of every teacher family (:mod:`gen.distill.spaces`, :mod:`gen.distill.teachers`), and LoRA student /
+fake score over one shared frozen base (:mod:`gen.distill.lora`)."""
 
 from .divergences import FDivergence, available_divergences, get_divergence, register_divergence
 from .fdistill import (
@@ -13,11 +15,15 @@ from .fdistill import (
     discriminator_loss,
     fdistill_weights,
     gan_generator_loss,
-    one_step_generate,
     vsd_loss,
 )
+from .lora import AdapterView, inject_adapters, merged_network
+from .spaces import NoiseLevels, one_step_generate
+from .teachers import FAMILIES, Teacher, load_teacher
 
 __all__ = [
+    "FAMILIES",
+    "AdapterView",
     "FDivergence",
     "available_divergences",
     "get_divergence",
@@ -27,12 +33,17 @@ __all__ = [
     "FDistill",
     "FDistillSettings",
     "FeatureTap",
+    "NoiseLevels",
     "RatioBins",
+    "Teacher",
     "call_net",
     "density_ratio",
     "discriminator_loss",
     "fdistill_weights",
     "gan_generator_loss",
+    "inject_adapters",
+    "load_teacher",
+    "merged_network",
     "one_step_generate",
     "vsd_loss",
 ]

@@ -1,8 +1,9 @@
 """f-distill: one-step generators by f-divergence distribution matching (Xu, Nie & Vahdat 2025, arXiv 2502.15681).
 
 Symbols (paper -> code):
-    G_theta(z)              ``x_gen``: the one-step student's sample, ``generate``
-    x_t = a_t x + s_t eps   ``x_t`` with ``a_t, s_t = alpha_sigma(scheduler, t)``
+    G_theta(z)              ``x_gen``: the one-step student's sample, :func:`gen.distill.one_step_generate`
+    x_t = a_t x + s_t eps   ``x_t`` with ``a_t, s_t`` of the teacher's prediction space at noise timestep ``t``
+                            (:class:`gen.distill.spaces.NoiseLevels`: VP, rectified flow, interpolants)
     grad log p_t            teacher score, through its x0 prediction ``x0_teacher``
     grad log q_t            fake-score network (trained on student samples by DSM), ``x0_fake``
     s_p - s_q = (a_t / s_t^2) (x0_teacher - x0_fake)
@@ -17,39 +18,59 @@ Student loss (FastGen's ``variational_score_distillation_loss`` form):
     L_G = 0.5 mean (x_gen - sg(x_gen - g))^2 + lambda_gan softplus(-D(x_t))     (dL/dx_gen is g / numel)
 Critic (fake score + discriminator head) loss:
     L_C = || net_fake(x_t(sg x_gen)) - target ||^2 + softplus(D(x_t(sg x_gen))) + softplus(-D(x_t(x_real)))
+    (``target``: the teacher's own prediction space: eps, v, flow velocity or interpolant velocity)
 The discriminator is a small head on the fake-score network's mid-level features (DMD2), or on the frozen
-teacher's (FastGen). All ratio maths is done in float32 whatever the networks' precision.
+teacher's (FastGen). All ratio maths is done in float32 whatever the networks' precision. Networks are called
+through their family's adapter (:func:`call_net`), so the same losses serve every family.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen.diffusion import alpha_sigma, from_x0_eps, prediction_type_of, to_x0_eps
-
 from .divergences import get_divergence
+from .spaces import one_step_generate  # noqa: F401  (re-exported: gen.distill.one_step_generate)
 
 # ---------------------------------------------------------------------------------------------------------------
 # networks
 
 
 def call_net(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-    """``net(x, t, **cond)`` for a Diffusers UNet (``.sample``), a ``TimeMLP`` or any module returning a tensor.
+    """The prediction of ``net`` at ``(x, t)`` through its family's adapter (:func:`gen.sampling.adapter_for`: the
+    class-conditional ``UNet2DModel``, SD 1.x/2.x and SDXL ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
+    ``DiTTransformer2DModel``, under any DDP/FSDP/peft wrapper or :class:`gen.distill.lora.AdapterView`); any other
+    module is called as ``net(x, t, **cond)`` (a 2-D ``TimeMLP``, the exact toy teacher).
 
-    ``cond`` is the conditioning as keyword arguments: ``{"class_labels": labels}`` for class-conditional UNets and
-    MLPs, ``{"encoder_hidden_states": emb}`` for text-conditional UNets, ``{}``/None for unconditional models.
+    ``cond`` holds the family's conditioning inputs batched like ``x``: ``{"class_labels"}`` (class UNet, DiT),
+    ``{"encoder_hidden_states"}`` (SD), plus ``text_embeds`` and ``time_ids`` (SDXL) or ``pooled_projections`` (SD3);
+    ``{}``/None for unconditional models.
     """
-    out = net(x, t, **(cond or {}))
-    return out.sample if hasattr(out, "sample") else out
+    from gen.sampling.adapters import adapter_for
+
+    try:
+        adapter = adapter_for(net)
+    except ValueError:
+        out = net(x, t, **(cond or {}))
+        return out.sample if hasattr(out, "sample") else out
+    return adapter(x, t, **(cond or {}))
 
 
-def default_feature_module(net: nn.Module) -> tuple[str, str]:
-    """``(module name, "output" | "input")`` of the features a discriminator head reads from ``net``:
-    the UNet mid block's output, or the input of an MLP's output projection."""
+def default_feature_module(net: nn.Module) -> tuple:
+    """``(module name, "output" | "input"[, index])`` of the features a discriminator head reads from ``net``: the
+    UNet mid block's output ``[B, C, h, w]``; the middle transformer block's image tokens ``[B, N, C]`` (DiT; SD3's
+    joint blocks return ``(text, image)``, index 1); the input of an MLP's output projection ``[B, C]``."""
+    from gen.sampling.adapters import unwrap_network
+
+    net = unwrap_network(net)
+    kind = type(net).__name__
+    if kind in ("DiTTransformer2DModel", "SD3Transformer2DModel"):
+        middle = f"transformer_blocks.{len(net.transformer_blocks) // 2}"
+        return (middle, "output", 1) if kind == "SD3Transformer2DModel" else (middle, "output")
     names = [n for n, _ in net.named_modules()]  # wrappers (peft, DDP) prefix the names
     for leaf, where in (("mid_block", "output"), ("out_proj", "input")):
         hits = [n for n in names if n == leaf or n.endswith("." + leaf)]
@@ -58,54 +79,110 @@ def default_feature_module(net: nn.Module) -> tuple[str, str]:
     raise ValueError(f"no default feature layer for {type(net).__name__}; pass feature_module=(name, 'output'|'input')")
 
 
+class _FeaturesReached(Exception):
+    """Raised by a :class:`FeatureTap` in ``"stop"`` mode once its layer has run: ends the forward there."""
+
+
 class FeatureTap:
-    """Keeps the most recent features of one submodule of ``net`` (a forward hook; no change to the network).
+    """Reads the features of one layer of a network during chosen calls (a forward hook; the network is unchanged).
+
+    Outside :meth:`capture` the hook does nothing. Inside, by ``mode``:
+
+    - ``"keep"``: the features are kept (:meth:`pop`);
+    - ``"stop"``: kept, and the forward ends at the layer (:meth:`run_to_features`: a discriminator that needs only
+      the encoder / mid-block features pays for no decoder);
+    - ``"grad_off"``: kept with their graph, and autograd is switched off for the rest of the forward (the
+      prediction that follows is detached anyway: no graph is recorded for it); restored when the block ends.
+
+    The hook is registered at the first capture, so on a network prepared by an engine it runs after the engine's
+    own hooks of that layer (an FSDP2 unit finishes its forward before a stop).
 
     Args:
-        net: the network whose features to read.
-        module: ``(name, "output" | "input")``; None picks :func:`default_feature_module`.
+        net: the network (any wrapper, or a :class:`gen.distill.lora.AdapterView` of a shared base).
+        module: ``(name, "output" | "input"[, index of a tuple output])``; None: :func:`default_feature_module`.
     """
 
-    def __init__(self, net: nn.Module, module: tuple[str, str] | None = None):
-        name, where = module or default_feature_module(net)
-        mods = dict(net.named_modules())
+    def __init__(self, net: nn.Module, module: tuple | None = None):
+        from gen.sampling.adapters import unwrap_network
+
+        base = unwrap_network(net)
+        spec = tuple(module or default_feature_module(base))
+        name, where, index = (*spec, 0)[:3] if len(spec) == 2 else spec
+        mods = dict(base.named_modules())
         if name not in mods:
-            raise ValueError(f"feature module {name!r} not found in {type(net).__name__}")
+            raise ValueError(f"feature module {name!r} not found in {type(base).__name__}")
         if where not in ("output", "input"):
             raise ValueError(f"feature position must be 'output' or 'input'; got {where!r}")
-        self.name, self.features = name, None
-        if where == "output":
-            self._handle = mods[name].register_forward_hook(self._keep_output)
-        else:
-            self._handle = mods[name].register_forward_pre_hook(self._keep_input)
+        self.name, self.where, self.index, self.module = name, where, int(index), mods[name]
+        self.features, self._mode, self._handle = None, None, None
 
-    def _keep_output(self, module, args, output):
-        self.features = output[0] if isinstance(output, tuple) else output
+    def _pick(self, value):
+        return value[self.index] if isinstance(value, (tuple, list)) else value
 
-    def _keep_input(self, module, args):
-        self.features = args[0]
+    def _output_hook(self, module, args, output):
+        self._reached(self._pick(output))
+
+    def _input_hook(self, module, args):
+        self._reached(self._pick(args))
+
+    def _reached(self, features):
+        if self._mode is None:
+            return
+        self.features = features
+        if self._mode == "stop":
+            raise _FeaturesReached
+        if self._mode == "grad_off":
+            torch.set_grad_enabled(False)
+
+    @contextlib.contextmanager
+    def capture(self, mode: str = "keep"):
+        """Keep the layer's features of the calls inside the block (see the class docstring for ``mode``)."""
+        if mode not in ("keep", "stop", "grad_off"):
+            raise ValueError(f"capture mode must be keep, stop or grad_off; got {mode!r}")
+        if self._handle is None:
+            self._handle = (self.module.register_forward_hook(self._output_hook) if self.where == "output"
+                            else self.module.register_forward_pre_hook(self._input_hook))
+        previous, grad = self._mode, torch.is_grad_enabled()
+        self._mode, self.features = mode, None
+        try:
+            yield self
+        finally:
+            self._mode = previous
+            torch.set_grad_enabled(grad)
+
+    def run_to_features(self, fn, *args, **kwargs) -> torch.Tensor:
+        """The layer's features of ``fn(*args, **kwargs)``, running the network only up to that layer."""
+        with self.capture("stop"):
+            try:
+                fn(*args, **kwargs)
+            except _FeaturesReached:
+                pass
+        return self.pop()
 
     def pop(self) -> torch.Tensor:
         feats, self.features = self.features, None
         if feats is None:
-            raise RuntimeError(f"no features captured from {self.name!r}: call the network first")
+            raise RuntimeError(f"no features captured from {self.name!r}: call the network inside capture()")
         return feats
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 class DiscriminatorHead(nn.Module):
     """Logit ``D(x_t) ~ log p_t(x_t) / q_t(x_t)`` from a score network's features (DMD2's ``cls_pred_branch`` idea).
 
     Spatial features ``[B, C, H, W]``: conv3x3 -> GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> mean over
-    H, W; vector features ``[B, C]``: Linear -> SiLU -> Linear -> SiLU. Then a linear logit plus, with
-    ``num_classes``, a projection term ``<embed(y), phi>`` (Miyato & Koyama 2018) so the ratio can depend on the class.
+    H, W; vector features ``[B, C]`` or token features ``[B, N, C]`` (transformers): Linear -> SiLU -> Linear -> SiLU
+    (per token, then the mean over tokens). Then a linear logit plus, with ``num_classes``, a projection term
+    ``<embed(y), phi>`` (Miyato & Koyama 2018) so the ratio can depend on the class.
 
     Args:
         in_channels: C of the features.
         hidden: width of the head.
-        spatial: True for ``[B, C, H, W]`` features, False for ``[B, C]``.
+        spatial: True for ``[B, C, H, W]`` features, False for ``[B, C]`` / ``[B, N, C]``.
         num_classes: size of the label embedding (include the null class), or None.
     """
 
@@ -126,12 +203,15 @@ class DiscriminatorHead(nn.Module):
             nn.init.zeros_(self.embed.weight)
 
     def forward(self, features: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        expected = 4 if self.spatial else 2
-        if features.ndim != expected:
-            raise ValueError(f"discriminator features must have {expected} dims; got {tuple(features.shape)}")
+        expected = (4,) if self.spatial else (2, 3)
+        if features.ndim not in expected:
+            raise ValueError(f"discriminator features must have {' or '.join(map(str, expected))} dims; got "
+                             f"{tuple(features.shape)}")
         phi = self.body(features)
         if self.spatial:
             phi = phi.mean(dim=(2, 3))
+        elif phi.ndim == 3:
+            phi = phi.mean(dim=1)
         logit = self.out(phi).squeeze(1)
         if self.embed is not None and class_labels is not None:
             logit = logit + (self.embed(class_labels) * phi).sum(1)
@@ -142,9 +222,20 @@ class Critic(nn.Module):
     """What the critic optimiser trains: the fake-score network and the discriminator head, plus the running
     per-time-bin mean of the density ratio (a buffer, so it is checkpointed with them).
 
-    ``forward(x_t, t, cond, head_labels, features=None, logits=True) -> (fake prediction, logits or None)``: one
-    call (so one DDP-wrapped forward) gives the fake score's prediction and the head's logits, read from the fake
-    score's own features or, when ``features`` is given (discriminator on the teacher), from those.
+    One call (so one DDP/FSDP2-wrapped forward) per use, returning ``(fake prediction, logits or None)``:
+
+    - critic step (``real`` given, head on the fake score): the fake score runs in full on the generated half
+      (DSM needs its prediction) and only up to the feature layer on the real half; the head sees both halves;
+    - critic step with ``features`` (head on the teacher): the fake score on the generated half, the head on the
+      teacher's features of both halves;
+    - student step (``detach_prediction=True``): the prediction comes without a graph; the logits keep theirs to
+      ``x_t`` (through the fake score's layers up to the features, or the teacher's ``features``).
+
+    Args:
+        fake_score: the fake-score network (teacher architecture; an :class:`AdapterView` with a shared base).
+        head: the :class:`DiscriminatorHead`.
+        ratio_bins: the :class:`RatioBins`.
+        feature_module: the fake score's feature layer (None: :func:`default_feature_module`).
     """
 
     def __init__(self, fake_score: nn.Module, head: DiscriminatorHead, ratio_bins: RatioBins, feature_module=None):
@@ -152,12 +243,33 @@ class Critic(nn.Module):
         self.fake_score, self.head, self.ratio_bins = fake_score, head, ratio_bins
         self._tap = FeatureTap(fake_score, feature_module)
 
-    def forward(self, x_t, t, cond=None, head_labels=None, features=None, logits: bool = True):
-        pred = call_net(self.fake_score, x_t, t, cond)
-        own = self._tap.pop()
+    def forward(self, x_t, t, cond=None, head_labels=None, features=None, logits: bool = True, real=None,
+                detach_prediction: bool = False):
+        """Args:
+            x_t, t, cond: the generated half: noised samples, network timesteps [B], conditioning.
+            head_labels: class labels of every row the head sees (both halves in the critic step), or None.
+            features: the teacher's features of every row the head sees (head on the teacher), or None.
+            logits: False: the prediction alone (no head).
+            real: ``(x_t, t, cond)`` of the real half (critic step, head on the fake score).
+            detach_prediction: the student step: no graph for the prediction.
+        """
         if not logits:
-            return pred, None
-        return pred, self.head(own if features is None else features, head_labels)
+            with torch.no_grad():
+                return call_net(self.fake_score, x_t, t, cond), None
+        if features is not None:
+            if detach_prediction:
+                with torch.no_grad():
+                    pred = call_net(self.fake_score, x_t, t, cond)
+            else:
+                pred = call_net(self.fake_score, x_t, t, cond)
+            return pred, self.head(features, head_labels)
+        with self._tap.capture("grad_off" if detach_prediction else "keep"):
+            pred = call_net(self.fake_score, x_t, t, cond)
+        own = self._tap.pop()
+        if real is not None:
+            x_r, t_r, cond_r = real
+            own = torch.cat([own, self._tap.run_to_features(call_net, self.fake_score, x_r, t_r, cond_r)])
+        return pred, self.head(own, head_labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,39 +391,16 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the generator
-
-
-def one_step_generate(net: nn.Module, scheduler, z: torch.Tensor, timestep: int | float, cond: dict | None = None,
-                      prediction_type: str | None = None) -> torch.Tensor:
-    """``G(z) = x0``: the network evaluated once on pure noise ``z`` at ``timestep``, its output read as
-    ``prediction_type`` (default: the scheduler's) and converted to x0 (DMD: the student starts as the teacher's
-    one-step x0 estimate).
-
-    Args:
-        net: the generator network (same calling shape as the teacher).
-        scheduler: the teacher's scheduler (gives alpha, sigma at ``timestep``).
-        z: [B, ...] standard normal noise.
-        timestep: the generator's timestep (e.g. 950 of 1000; alpha must not be ~0 for epsilon prediction).
-        cond: conditioning keyword arguments (see :func:`call_net`).
-    """
-    ptype = prediction_type or prediction_type_of(scheduler)
-    t = torch.full((z.shape[0],), float(timestep), device=z.device)
-    t_in = t.long() if float(timestep).is_integer() else t
-    pred = call_net(net, z, t_in, cond)
-    if ptype == "sample":
-        return pred
-    alpha, sigma = alpha_sigma(scheduler, t, ndim=z.ndim, dtype=pred.dtype, device=z.device)
-    return to_x0_eps(pred, ptype, z, alpha, sigma)[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the objective
 
 
 @dataclasses.dataclass
 class FDistillSettings:
-    """The f-distill knobs that are not about optimisation (see the trainer config for their help text)."""
+    """The f-distill knobs that are not about optimisation (see the trainer config for their help text).
+
+    ``t_min``, ``t_max``: training noise timesteps (0 = data, T = noise; :class:`gen.distill.spaces.NoiseLevels`);
+    ``timestep_shift``: SD3's shift of the training levels of a flow teacher (None: the scheduler's own).
+    """
 
     divergence: str = "js"
     logit_clamp: float = 10.0
@@ -324,6 +413,7 @@ class FDistillSettings:
     t_max: int = 980
     teacher_guidance_scale: float = 1.0
     same_t_noise_for_real: bool = False
+    timestep_shift: float | None = None
 
     def validate(self) -> None:
         get_divergence(self.divergence)
@@ -335,56 +425,79 @@ class FDistillSettings:
             raise ValueError(f"need 0 <= t_min < t_max; got {self.t_min}, {self.t_max}")
         if self.teacher_guidance_scale < 0:
             raise ValueError(f"teacher_guidance_scale must be >= 0; got {self.teacher_guidance_scale}")
+        if self.timestep_shift is not None and not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0; got {self.timestep_shift}")
 
 
 class FDistill:
     """The f-distill losses over a teacher, a critic (fake score + discriminator head) and a generator.
 
+    Pass structure (DMD2's): the caller makes ONE student forward per iteration; its detached output is what the
+    critic trains on, and the student step reuses the same (graph-carrying) output. Inside the losses:
+
+    - critic step: fake score in full on the generated half (DSM), up to the feature layer only on the real half
+      (head on the fake score) or teacher up to the feature layer on both halves, without gradient (head on the
+      teacher);
+    - student step: teacher without gradient (head on the fake score) or with gradient only up to its feature
+      layer (head on the teacher); fake score without gradient, or with gradient only up to its feature layer
+      (head on it); the logits' graph reaches ``x_t``, the predictions carry none.
+
     Args:
-        teacher: frozen score network (any prediction type of ``scheduler``).
-        critic: :class:`Critic`; its fake score has the teacher's architecture and prediction type.
-        scheduler: the teacher's noise scheduler (alpha/sigma, prediction type).
+        teacher: frozen score network (any prediction type of ``scheduler``; any family of :func:`call_net`).
+        critic: :class:`Critic`; its fake score has the teacher's architecture and prediction space.
+        scheduler: the teacher's scheduler (prediction space, noise levels).
         settings: :class:`FDistillSettings`.
         disc_features: ``"fake"`` (DMD2: head on the fake-score network) or ``"teacher"`` (FastGen: frozen teacher).
-        feature_module: ``(module name, "output"|"input")`` of the teacher the head reads when
-            ``disc_features="teacher"`` (the fake score's layer is given to :class:`Critic`); None:
-            :func:`default_feature_module`.
+        feature_module: the teacher's feature layer when ``disc_features="teacher"`` (the fake score's is given to
+            :class:`Critic`); None: :func:`default_feature_module`.
     """
 
     def __init__(self, teacher: nn.Module, critic: Critic, scheduler, settings: FDistillSettings,
                  disc_features: str = "fake", feature_module=None):
+        from .spaces import NoiseLevels
+
         settings.validate()
         if disc_features not in ("fake", "teacher"):
             raise ValueError(f"disc_features must be 'fake' or 'teacher'; got {disc_features!r}")
         self.teacher, self.critic, self.scheduler, self.s = teacher, critic, scheduler, settings
         self.disc_features = disc_features
-        self.pred_type = prediction_type_of(scheduler)
+        self.levels = NoiseLevels(scheduler, settings.t_min, settings.t_max, settings.timestep_shift)
         self.divergence = get_divergence(settings.divergence)
         # the fake score's features are tapped by the critic itself; the teacher's only when the head reads them
         self.tap = FeatureTap(teacher, feature_module) if disc_features == "teacher" else None
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.s.t_min, self.s.t_max + 1, (n,), generator=generator)
+        """``n`` training noise timesteps (see :class:`gen.distill.spaces.NoiseLevels`)."""
+        return self.levels.sample(n, generator)
 
     def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x0.ndim, dtype=x0.dtype, device=x0.device)
+        """``x_t = alpha_t x0 + sigma_t eps`` at noise timesteps ``t`` (in ``x0``'s dtype)."""
+        alpha, sigma = self.levels.frame(x0, t).alpha_sigma()
         return alpha * x0 + sigma * eps
 
     def x0_of(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = alpha_sigma(self.scheduler, t, ndim=x_t.ndim, dtype=torch.float32, device=x_t.device)
-        return to_x0_eps(pred.float(), self.pred_type, x_t.float(), alpha, sigma)[0]
+        """x0 implied by a prediction in the teacher's space at ``(x_t, t)``, in float32."""
+        return self.levels.frame(x_t.float(), t).to_x0_eps(pred.float())[0]
 
-    def _teacher_x0(self, x_t, t, cond, uncond) -> torch.Tensor:
+    def _teacher_x0(self, x_t, t_net, t, cond, uncond, features: bool = False):
+        """The teacher's (guided) x0 at ``x_t``, without graph; with ``features`` also its features of the
+        conditional pass, with a graph to ``x_t`` up to the feature layer only."""
         w = self.s.teacher_guidance_scale
-        x0_c = self.x0_of(call_net(self.teacher, x_t, t, cond), x_t, t)
-        if w == 1.0 or uncond is None:
-            return x0_c
-        feats = self.tap.features if self.tap else None  # the discriminator reads the conditional pass's features
-        x0_u = self.x0_of(call_net(self.teacher, x_t, t, uncond), x_t, t)
-        if self.tap:
-            self.tap.features = feats
-        return x0_u + w * (x0_c - x0_u)
+        if features:
+            with self.tap.capture("grad_off"):
+                pred_c = call_net(self.teacher, x_t, t_net, cond)
+            feats = self.tap.pop()
+        else:
+            with torch.no_grad():
+                pred_c = call_net(self.teacher, x_t, t_net, cond)
+            feats = None
+        with torch.no_grad():
+            x0 = self.x0_of(pred_c, x_t, t)
+            if w != 1.0 and uncond is not None:
+                x0_u = self.x0_of(call_net(self.teacher, x_t, t_net, uncond), x_t, t)
+                x0 = x0_u + w * (x0 - x0_u)
+        return x0, feats
 
     def _labels(self, cond):
         return (cond or {}).get("class_labels")
@@ -404,22 +517,21 @@ class FDistill:
         else:
             t_r = self.sample_t(n_real, generator)
             eps_r = torch.randn(x_real.shape, generator=generator).to(dev, x_gen.dtype)
-        xt_g, xt_r = self.noise(x_gen, t_g, eps_g), self.noise(x_real.to(dev, x_gen.dtype), t_r, eps_r)
-        cat = _cat_cond(cond_gen, cond_real)
-        x_all, t_all = torch.cat([xt_g, xt_r]), torch.cat([t_g, t_r]).to(dev)
-        labels = self._labels(cat)
+        x_real = x_real.to(dev, x_gen.dtype)
+        xt_g, xt_r = self.noise(x_gen, t_g, eps_g), self.noise(x_real, t_r, eps_r)
+        net_g, net_r = self.levels.timestep(t_g).to(dev), self.levels.timestep(t_r).to(dev)
+        cond_gen, cond_real = cond_gen or {}, cond_real or {}
+        labels = self._labels(_cat_cond(cond_gen, cond_real))
         if self.disc_features == "fake":
-            # one forward over generated + real: DSM uses the generated half, the head sees both
-            pred, logits = critic(x_all, t_all, cat, labels)
-            pred_g = pred[:b]
+            # fake score: in full on the generated half, up to its feature layer on the real half
+            pred_g, logits = critic(xt_g, net_g, cond_gen, labels, real=(xt_r, net_r, cond_real))
         else:
-            with torch.no_grad():
-                call_net(self.teacher, x_all, t_all, cat)
-            feats = self.tap.pop()
-            pred_g, logits = critic(xt_g, t_g.to(dev), cond_gen, labels, features=feats)
+            with torch.no_grad():  # the teacher's features of both halves: up to the feature layer only
+                feats = self.tap.run_to_features(call_net, self.teacher, torch.cat([xt_g, xt_r]),
+                                                 torch.cat([net_g, net_r]), _cat_cond(cond_gen, cond_real))
+            pred_g, logits = critic(xt_g, net_g, cond_gen, labels, features=feats)
         # 1. fake score: DSM in the teacher's prediction space
-        alpha, sigma = alpha_sigma(self.scheduler, t_g, ndim=x_gen.ndim, dtype=torch.float32, device=dev)
-        target = from_x0_eps(x_gen.float(), eps_g.float(), self.pred_type, alpha, sigma)
+        target = self.levels.frame(xt_g.float(), t_g).from_x0_eps(x_gen.float(), eps_g.float())
         loss_dsm = F.mse_loss(pred_g.float(), target)
         # 2. discriminator: generated first, real second
         loss_d = discriminator_loss(logits[b:], logits[:b])
@@ -438,20 +550,16 @@ class FDistill:
         t = self.sample_t(b, generator)
         eps = torch.randn(x_gen.shape, generator=generator).to(dev, x_gen.dtype)
         x_t = self.noise(x_gen, t, eps)
-        td = t.to(dev)
-        # 1. teacher and fake x0 at x_t (no gradient into either network); discriminator logit with gradient to x_t
+        td = self.levels.timestep(t).to(dev)
+        # 1. teacher and fake x0 at x_t (no graph for either prediction); discriminator logit with graph to x_t
         labels = self._labels(cond)
         if self.disc_features == "fake":
-            with torch.no_grad():
-                x0_teacher = self._teacher_x0(x_t, td, cond, uncond)
-            fake_pred, logits = inner(x_t, td, cond, labels)
+            x0_teacher, _ = self._teacher_x0(x_t, td, t, cond, uncond)
+            fake_pred, logits = inner(x_t, td, cond, labels, detach_prediction=True)
         else:
-            x0_teacher = self._teacher_x0(x_t, td, cond, uncond).detach()
-            feats = self.tap.pop()
-            with torch.no_grad():
-                fake_pred = inner(x_t, td, cond, logits=False)[0]
-            logits = inner.head(feats, labels)
-        x0_fake = self.x0_of(fake_pred.detach(), x_t.detach(), td)
+            x0_teacher, feats = self._teacher_x0(x_t, td, t, cond, uncond, features=True)
+            fake_pred, logits = inner(x_t, td, cond, labels, features=feats, detach_prediction=True)
+        x0_fake = self.x0_of(fake_pred.detach(), x_t.detach(), t)
         # 2. r and h (float32, detached), normalised per time bin and by the batch mean
         r = density_ratio(logits, self.s.logit_clamp, self.s.ratio_min, self.s.ratio_max)
         r_norm = inner.ratio_bins.normalize(r, t)

@@ -13,6 +13,8 @@ module                                 script / use
 :mod:`gen.evaluation.interpolants`     ``eval/interpolants.py``: 2-D side by side with torchcfm, digits, bridge
 :mod:`gen.evaluation.alignprop`        ``eval/alignprop.py``: reward curve, memory against K, TRL side by side
 :mod:`gen.evaluation.inverse_priors`   ``eval/inverse_priors.py``: RED-Diff / DPS, digits interpolant vs teacher
+:mod:`gen.evaluation.bench_fdistill`   ``eval/bench_fdistill.py``: f-distill passes and time, copies held, memory
+:mod:`gen.evaluation.fdistill_flow`    ``eval/fdistill_flow.py``: the digits-interpolant student against its ODE
 =====================================  ========================================================================
 
 Outputs: every default is under ``outputs/`` (ignored by git). Writing into the shipped folders (``checkpoints/``,

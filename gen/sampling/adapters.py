@@ -253,11 +253,12 @@ SUPPORTED_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DMo
 
 
 def unwrap_network(model):
-    """The network under DDP/FSDP/torch.compile/peft wrappers (for reading its class and config)."""
+    """The network under DDP/FSDP/torch.compile/peft wrappers and f-distill's adapter views (``base_network``: one
+    LoRA adapter over a shared base, :class:`gen.distill.lora.AdapterView`), for reading its class and config."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        for attr in ("module", "_orig_mod"):
+        for attr in ("module", "_orig_mod", "base_network"):
             inner = getattr(model, attr, None)
             if isinstance(inner, torch.nn.Module):
                 model = inner

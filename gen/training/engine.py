@@ -15,7 +15,9 @@ DDP instead. :func:`check_engine` turns that into an error naming both engines.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 
 import torch
@@ -23,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 _TRUE = ("1", "true", "yes", "on")
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg, **kwargs) -> Accelerator:
@@ -132,6 +135,34 @@ def check_accelerate_config(path) -> dict:
     except (ValueError, TypeError) as err:
         raise ValueError(f"{str(path)!r} is not a valid accelerate config: {err}") from None
     return data
+
+
+@contextlib.contextmanager
+def fsdp_auto_wrap_for(accelerator: Accelerator, module: torch.nn.Module):
+    """Inside the block, ``accelerator.prepare(module)`` under FSDP2 shards ``module`` as one unit when it holds none
+    of the layer classes of a transformer auto-wrap policy (``--fsdp_transformer_layer_cls_to_wrap``).
+
+    Accelerate raises for such a model ("Could not find the transformer layer class"); the networks that have none
+    are small ones whose parameters are adapters only (f-distill's LoRA views over a shared frozen base), for which
+    one unit is the right sharding. Any other engine or policy: nothing changes.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if running_engine(accelerator) != "fsdp2" or plugin is None:
+        yield
+        return
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy, names = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+    present = {type(m).__name__ for m in module.modules()}
+    if policy is not transformer_auto_wrap_policy or not names or all(n in present for n in names):
+        yield
+        return
+    logger.info("FSDP2: %s holds none of %s; sharded as one unit", type(module).__name__, ", ".join(names))
+    plugin.auto_wrap_policy = None
+    try:
+        yield
+    finally:
+        plugin.auto_wrap_policy = policy
 
 
 # ----------------------------------------------------------------------------------------------------------------

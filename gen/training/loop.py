@@ -45,7 +45,16 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager, Slot
 from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA
-from .engine import clip_grad_norm, describe_engine, is_sharded, materialize, meta_copy, running_engine, zero_stage
+from .engine import (
+    clip_grad_norm,
+    describe_engine,
+    fsdp_auto_wrap_for,
+    is_sharded,
+    materialize,
+    meta_copy,
+    running_engine,
+    zero_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +244,8 @@ class TrainLoop:
             # Accelerate's wrapped scheduler steps once per process per call: lengths are scaled by the world size
             sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps // k * n,
                                   num_training_steps=cfg.max_train_steps // k * n)
-            model, opt, sched = accelerator.prepare(t.module, opt, sched)
+            with fsdp_auto_wrap_for(accelerator, t.module):
+                model, opt, sched = accelerator.prepare(t.module, opt, sched)
             ema = None
             if t.ema and cfg.ema_decay > 0:
                 ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay)
