@@ -25,8 +25,8 @@ FOLDERS = shipped_folders()
 
 def test_every_shipped_folder_has_a_manifest():
     assert {p.name for p in FOLDERS} >= {"digits-teacher", "digits-gbm", "digits-interpolant", "digits-bridge",
-                                         "digits-fdistill-js", "digits-alignprop-lora", "digits-classifier",
-                                         "fid-refs"}
+                                         "digits-fdistill-js", "digits-interpolant-fdistill", "digits-alignprop-lora",
+                                         "digits-classifier", "fid-refs"}
     for folder in FOLDERS:
         entries = read_manifest(folder)
         assert entries, f"{folder} has no {MANIFEST_NAME}: python -m gen.checkpoints --write-manifests"
