@@ -1,7 +1,9 @@
-"""AlignProp on SDXL and SD3-style flow models: seconds per training step and peak memory (RSS) on tiny random
-components, K = 1 with checkpointing against full backpropagation, each configuration in a fresh process.
+"""AlignProp on SDXL, SD3-style flow models and class-conditional DiT: seconds per training step and peak memory
+(RSS) on tiny random components, K = 1 with checkpointing against full backpropagation, each configuration in a fresh
+process.
 
-    python eval/alignprop_families.py --out outputs/alignprop_families/results.json [--families sdxl sd3] [--steps 10]
+    python eval/alignprop_families.py --out outputs/alignprop_families/results.json [--families sdxl sd3 dit] \
+        [--steps 10]
 
 The work is done by ``gen.evaluation.alignprop_families``: writes JSON and prints markdown rows for BENCHMARKS.md.
 """

@@ -31,6 +31,7 @@ __all__ = [
     "RedDiffPipeline",
     "RedDiffSD3Pipeline",
     "RedDiffSDXLPipeline",
+    "TransformerLoraLoaderMixin",
     "UNetLoraLoaderMixin",
 ]
 
@@ -64,7 +65,8 @@ def __getattr__(name):
         module = {"OneStepSDXLPipeline": "one_step_sdxl", "OneStepSD3Pipeline": "one_step_sd3",
                   "OneStepDiTPipeline": "one_step_dit"}[name]
         return getattr(import_module(f".{module}", __name__), name)
-    if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin"):  # pulls in peft: only when asked for
+    if name in ("ClassConditionalLoraPipeline", "UNetLoraLoaderMixin", "TransformerLoraLoaderMixin"):
+        # pulls in peft: only when asked for
         from . import lora
 
         return getattr(lora, name)

@@ -7,6 +7,9 @@ row DiT's label embedding keeps for label dropout. A learned-variance transforme
 in_channels``) keeps its first half, the noise prediction, as Diffusers does; guidance acts on all latent channels
 (Diffusers' choice; the original DiT code guided only the first three).
 
+``load_lora_weights`` (``pipelines.lora.TransformerLoraLoaderMixin``; Diffusers' ``DiTPipeline`` has none) loads a
+Diffusers-format LoRA with ``transformer.`` keys, such as the one ``train/alignprop.py --model_type dit`` writes.
+
 With ``guidance_scale=w`` (or ``guider=CFG(w)``) and ``w > 1`` the images equal ``DiTPipeline``'s
 (``tests/test_families.py``). Differences: ``w < 1`` is CFG(w) here (Diffusers turns guidance off for w <= 1); the
 initial noise is scaled by the scheduler's ``init_noise_sigma`` (1 for DiT's DDIM; Diffusers' DiT omits it, which
@@ -33,12 +36,13 @@ from gen.sampling.pipeline import (
 )
 
 from .class_conditional import ClassConditionalPipelineOutput
+from .lora import TransformerLoraLoaderMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class GuidedDiTPipeline(DiTPipeline):
-    """Class-conditional DiT with a pluggable guider.
+class GuidedDiTPipeline(TransformerLoraLoaderMixin, DiTPipeline):
+    """Class-conditional DiT with a pluggable guider; ``load_lora_weights`` reads ``transformer.`` LoRA files.
 
     Example:
         >>> from gen.guidance import APG

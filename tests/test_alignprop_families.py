@@ -1,15 +1,20 @@
-"""AlignProp on SDXL and SD3-style flow models (issue 15, item 4), on tiny random components built offline.
+"""AlignProp on SDXL, SD3-style flow models and class-conditional DiT (issue 15, item 4), on tiny random components
+built offline.
 
-- Gradients of a reward through sampling equal a hand-unrolled reference: SDXL's Euler steps in sigma space and
-  SD3's flow-matching Euler steps x <- x + (sigma_next - sigma) v, each with CFG on the family's inputs, truncated
-  backprop (predictions of steps i < T - K detached) and with / without checkpointing of the network and the VAE.
+- Gradients of a reward through sampling equal a hand-unrolled reference: SDXL's Euler steps in sigma space,
+  SD3's flow-matching Euler steps x <- x + (sigma_next - sigma) v and DiT's DDIM steps on the noise half of its
+  learned-sigma output, each with CFG on the family's inputs (DiT: the null class), truncated backprop (predictions
+  of steps i < T - K detached) and with / without checkpointing of the network and the VAE.
 - The trainer runs a couple of steps per family; the saved LoRA loads with Diffusers' own
   ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights`` and with our family pipelines, and
   their images equal ours (our sampler with our loader) to 1e-5; the LoRA moved the images away from the base.
+  DiT (whose Diffusers pipeline has no LoRA loader): the trained network's images equal ``GuidedDiTPipeline`` with
+  the file loaded, the frozen base is unchanged, labels by index or ImageNet-style name, and the run resumes.
 - The dynamic timestep shift of a flow scheduler reaches the trainer's sampler (equal to Diffusers).
 - Defaults equal TRL 0.23.1's ``AlignPropConfig``; the hub configs parse and validate without loading models.
 - Bad input: unsupported families, a folder of another family, LoRA targets matching nothing, eta on a flow
-  scheduler, DDIM on a flow model, fp16 on a CPU, a resolution the patch grid does not divide.
+  scheduler, DDIM on a flow model, fp16 on a CPU, a resolution the patch grid does not divide; for DiT labels out of
+  range or unknown names, a resolution other than its native one, a negative prompt, a ``unet.`` LoRA file.
 """
 
 from __future__ import annotations
@@ -21,14 +26,34 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from gen.models.tiny_families import build_tiny_sd3, build_tiny_sdxl
-from gen.reward import SD3Backend, StableDiffusionXLBackend, Truncation, add_lora, read_lora, sample_with_grad
+from gen.models.tiny_families import build_tiny_dit, build_tiny_sd3, build_tiny_sdxl
+from gen.reward import (
+    DiTBackend,
+    SD3Backend,
+    StableDiffusionXLBackend,
+    Truncation,
+    add_lora,
+    lora_metadata,
+    lora_state_dict,
+    read_lora,
+    sample_with_grad,
+    save_lora,
+)
 from gen.reward.lora import load_lora_into_unet
-from gen.reward.training import AlignPropConfig, denoiser, generate, load_model, make_backend, select_scheduler
+from gen.reward.training import (
+    AlignPropConfig,
+    AlignPropObjective,
+    denoiser,
+    generate,
+    load_model,
+    make_backend,
+    select_scheduler,
+)
 from gen.training import parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a dog"]
+LABELS = ["3", "871"]     # DiT: class labels (the tiny DiT has 1000 classes; null class 1000)
 STEPS = 4
 
 
@@ -70,6 +95,15 @@ def _sd3_backend(w=3.0, **kw):
     add_lora(pipe.transformer, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"])
     _randomise_lora(pipe.transformer)
     return pipe, SD3Backend(pipe, guidance_scale=w, max_sequence_length=8)
+
+
+def _dit_backend(w=3.0):
+    from pipelines import GuidedDiTPipeline
+
+    pipe = GuidedDiTPipeline(**build_tiny_dit(0))
+    add_lora(pipe.transformer, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    _randomise_lora(pipe.transformer)
+    return pipe, DiTBackend(pipe, guidance_scale=w)
 
 
 def _hand_sdxl(pipe, cond, x, k, w):
@@ -119,13 +153,39 @@ def _hand_sd3(pipe, cond, x, k, w):
     return (img / 2 + 0.5).clamp(0, 1)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def _hand_dit(pipe, cond, x, k, w):
+    """DDIM (Song et al. 2021, eq. 12, eta 0) on DiT's noise prediction, the first 4 of its 8 output channels (the
+    learned sigma dropped): eps = eps_u + w (eps_c - eps_u) with the null class 1000 as the unconditional label,
+    x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t), x <- sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (a_prev = 1 after the last
+    step: set_alpha_to_one); eps of steps i < T - k detached. Images: decode of x / scaling_factor."""
+    sched = pipe.scheduler
+    sched.set_timesteps(STEPS)
+    ac = sched.alphas_cumprod
+    labels, null = cond.cond["class_labels"], cond.uncond["class_labels"]
+    assert null.tolist() == [1000] * len(labels)
+    for i, t in enumerate(sched.timesteps):
+        def eps(lab, x=x, t=t):
+            return pipe.transformer(x, timestep=t.expand(x.shape[0]), class_labels=lab).sample[:, :4]
+
+        e_c, e_u = eps(labels), eps(null)
+        e = e_u + w * (e_c - e_u)
+        if i < STEPS - k:
+            e = e.detach()
+        prev = int(t) - 1000 // STEPS
+        a_t, a_prev = ac[int(t)], (ac[prev] if prev >= 0 else torch.tensor(1.0))
+        x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    img = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return (img / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "dit"])
 def test_gradient_equals_hand_unrolled_sampler(family):
     w = 3.0
-    pipe, be = _sdxl_backend(w) if family == "sdxl" else _sd3_backend(w)
-    hand = _hand_sdxl if family == "sdxl" else _hand_sd3
-    net = pipe.unet if family == "sdxl" else pipe.transformer
-    cond = be.encode(PROMPTS, "cpu")
+    pipe, be = {"sdxl": _sdxl_backend, "sd3": _sd3_backend, "dit": _dit_backend}[family](w)
+    hand = {"sdxl": _hand_sdxl, "sd3": _hand_sd3, "dit": _hand_dit}[family]
+    net = denoiser(pipe)
+    cond = be.encode(LABELS if family == "dit" else PROMPTS, "cpu")
     x_t = torch.randn(be.latent_shape(2), generator=torch.Generator().manual_seed(0))
 
     def ours(k, ckpt):
@@ -207,6 +267,125 @@ def test_trained_lora_loads_in_diffusers(tmp_path, family):
     assert (run(diffusers_cls, lora=False) - theirs).abs().max() > 1e-4      # and the LoRA changes the images
 
 
+# --- DiT: trainer -> GuidedDiTPipeline.load_lora_weights -----------------------------------------------------------
+ID2LABEL = {"3": "tiger shark, Galeocerdo cuvieri", "871": "trimaran"}   # as the hub's model_index.json holds them
+
+
+def _dit_folder(tmp_path) -> str:
+    """The tiny DiT saved as a pipeline folder with an ``id2label`` in its model_index.json, as facebook/DiT-XL-2-256
+    has (Diffusers' DiTPipeline reads it but does not save it)."""
+    from pipelines import GuidedDiTPipeline
+
+    folder = tmp_path / "dit"
+    GuidedDiTPipeline(**build_tiny_dit(0)).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "id2label": ID2LABEL}))
+    return str(folder)
+
+
+def _dit_args(pretrained, out, *extra):
+    return ["--model_type", "dit", "--pretrained_model", pretrained, "--prompts", "3,tiger shark,trimaran,17",
+            "--eval_prompts", "", "--rewards", "contrast:1.0,saturation:0.5", "--num_inference_steps", "3",
+            "--truncation", "fixed", "--backprop_k", "2", "--gradient_checkpointing", "true", "--checkpoint_decoder",
+            "true", "--eta", "0", "--guidance_scale", "4", "--mixed_precision", "no", "--train_batch_size", "2",
+            "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "0.05", "--log_every", "1",
+            "--output_dir", str(out), *extra]
+
+
+class _KeepObjective(AlignPropObjective):
+    """The AlignProp objective, kept after training so the test can sample the trained network itself."""
+
+    last = None
+
+    def build(self):
+        models = super().build()
+        type(self).last = self
+        return models
+
+
+def test_dit_trained_lora_loads_in_guided_dit_pipeline(tmp_path):
+    from pipelines import GuidedDiTPipeline
+
+    folder = _dit_folder(tmp_path)
+    out = train(_KeepObjective, _dit_args(folder, tmp_path / "run"))
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["k"]) for r in logs] == [(1, 2), (2, 2)] and all(r["grad_norm"] > 0 for r in logs)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    obj = _KeepObjective.last
+    net = obj.pipe.transformer
+    # the frozen base is unchanged (peft moved each adapted weight under .base_layer); label dropout is off although
+    # the loop left the network in training mode
+    base = build_tiny_dit(0)["transformer"].state_dict()
+    now = {k.replace(".base_layer", ""): v for k, v in net.state_dict().items() if "lora_" not in k}
+    assert now.keys() == base.keys() and all(torch.equal(now[k], base[k]) for k in base)
+    assert net.training and all(m.dropout_prob == 0 for m in net.modules() if type(m).__name__ == "LabelEmbedding")
+    # the file is the trained adapter (keys transformer.), moved away from B = 0
+    sd, meta, prefix = read_lora(out, with_prefix=True)
+    assert prefix == "transformer" and meta["r"] == 4
+    trained = lora_state_dict(net)
+    assert sd.keys() == trained.keys() and all(torch.equal(sd[k], trained[k]) for k in sd)
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k)
+
+    # the trained network's images (the trainer's sampler: DDIM eta 0, CFG 4 against the null class) equal
+    # GuidedDiTPipeline's with the file loaded, from the same noise; labels by index and by name
+    labels = ["tiger shark", "871", "17"]
+    be = make_backend(obj.cfg, obj.pipe, net)
+    ours, _ = generate(obj.cfg, be, labels, "cpu", torch.Generator().manual_seed(3), with_grad=False)
+    latents = torch.randn(be.latent_shape(len(labels)), generator=torch.Generator().manual_seed(3))
+    pipe = GuidedDiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(class_labels=["tiger shark", 871, 17], num_inference_steps=3, guidance_scale=4.0, eta=0.0,
+                    latents=latents.clone(), output_type="pt").images
+
+    before = sample()
+    pipe.load_lora_weights(out)
+    theirs = sample()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (before - theirs).abs().max() > 1e-4          # the LoRA changes the images
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(sample(), before, rtol=0, atol=0)
+
+    # resume from checkpoint-2: two more steps
+    out2 = train("alignprop", _dit_args(folder, tmp_path / "run", "--max_train_steps", "4", "--resume", "latest"))
+    assert [json.loads(r)["step"] for r in (out2 / "logs.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert any(not torch.equal(v, sd[k]) for k, v in read_lora(out2)[0].items())
+
+
+def test_dit_bad_labels_and_settings_name_the_problem(tmp_path):
+    folder = _dit_folder(tmp_path)
+    out = tmp_path / "x"
+    # a folder: checked before the model loads (transformer/config.json, model_index.json's id2label)
+    with pytest.raises(ValueError, match=r"prompts: labels \[1000\] out of range; allowed 0..999"):
+        train("alignprop", _dit_args(folder, out, "--prompts", "3,1000"))
+    with pytest.raises(ValueError, match=r"eval_prompts: 'goldfish' is neither a class index nor a class name of "
+                                         r"this model; model_type=dit takes indices 0..999 or names \(pipe.labels: "
+                                         r"Galeocerdo cuvieri, tiger shark, trimaran\)"):
+        train("alignprop", _dit_args(folder, out, "--eval_prompts", "goldfish"))
+    # the tiny model (as a hub id): checked once loaded
+    with pytest.raises(ValueError, match=r"prompts: 'cat' is not a class index, and this model has no class names "
+                                         r"\(no id2label\); model_type=dit takes indices 0..999"):
+        train("alignprop", _dit_args("tiny", out, "--prompts", "3,cat"))
+    with pytest.raises(ValueError, match=r"prompts: labels \[-1\] out of range"):
+        train("alignprop", _dit_args("tiny", out, "--prompts", "-1"))
+    with pytest.raises(ValueError, match=r"resolution 32 with a DiT: it samples at its native size 16"):
+        train("alignprop", _dit_args("tiny", out, "--prompts", "3", "--resolution", "32"))
+    with pytest.raises(ValueError, match="negative_prompt with model_type=dit: DiT's unconditional branch is its "
+                                         "null class"):
+        _parse("--model_type", "dit", "--negative_prompt", "blurry")
+    # a file with 'unet.' keys (another family's LoRA: here the DiT's own adapter under the wrong prefix) is refused
+    from pipelines import GuidedDiTPipeline
+
+    dit = build_tiny_dit(0)["transformer"]
+    meta = lora_metadata(add_lora(dit, rank=2, target_modules=["to_q"]))
+    save_lora(tmp_path / "unet_lora", lora_state_dict(dit), meta, prefix="unet")
+    with pytest.raises(ValueError, match=r"holds 'unet.' weights, but DiTTransformer2DModel takes 'transformer.' ones"):
+        GuidedDiTPipeline(**build_tiny_dit(0)).load_lora_weights(tmp_path / "unet_lora")
+    with pytest.raises(ValueError, match=r"labels: 'goldfish' is neither a class index"):
+        DiTBackend(GuidedDiTPipeline(**build_tiny_dit(0), id2label=ID2LABEL)).encode(["goldfish"], "cpu")
+
+
 # --- defaults, configs -----------------------------------------------------------------------------------------------
 # TRL 0.23.1 trl/trainer/alignprop_config.py (the last release with AlignProp): field -> default, and ours beside it
 TRL_DEFAULTS = {
@@ -257,7 +436,7 @@ def test_defaults_match_trl_alignprop_config():
 
 def test_shipped_configs_parse_without_loading_models():
     for name, family in (("alignprop_sdxl", "sdxl"), ("alignprop_sd3", "sd3"), ("alignprop_sd15", "stable_diffusion"),
-                         ("alignprop_digits", "class_conditional")):
+                         ("alignprop_digits", "class_conditional"), ("alignprop_dit", "dit")):
         cfg = parse_config(AlignPropConfig, ["--config", str(ROOT / "configs" / f"{name}.yaml")])
         assert cfg.model_type == family
     digits = parse_config(AlignPropConfig, ["--config", str(ROOT / "configs/alignprop_digits.yaml")])
@@ -272,14 +451,19 @@ def _parse(*args):
 
 
 def test_bad_family_inputs_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match=r"model_type='dit' is not a family AlignProp supports; supported: "
-                                         r"class_conditional .*sdxl, sd3"):
-        _parse("--model_type", "dit")
+    with pytest.raises(ValueError, match=r"model_type='flux' is not a family AlignProp supports; supported: "
+                                         r"class_conditional .*sdxl, sd3 .*, dit \(class-conditional "
+                                         r"DiTTransformer2DModel\)"):
+        _parse("--model_type", "flux")
     with pytest.raises(ValueError, match="scheduler=ddim with model_type=sd3: SD3-style models are flow-matching"):
         _parse("--model_type", "sd3", "--scheduler", "ddim")
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match=r"is a FluxPipeline, a family AlignProp does not support; supported: .*dit"):
+        load_model(_parse("--model_type", "sdxl", "--pretrained_model", str(tmp_path / "flux")))
     (tmp_path / "dit").mkdir()
     (tmp_path / "dit" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
-    with pytest.raises(ValueError, match=r"is a DiTPipeline, a family AlignProp does not support; supported"):
+    with pytest.raises(ValueError, match=r"is a DiTPipeline \(model_type=dit\), but model_type=sdxl"):
         load_model(_parse("--model_type", "sdxl", "--pretrained_model", str(tmp_path / "dit")))
     (tmp_path / "sd3").mkdir()
     (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
@@ -310,13 +494,17 @@ def test_families_benchmark_smoke(tmp_path):
     from gen.evaluation.alignprop_families import AlignPropFamiliesSettings, markdown, run
 
     assert AlignPropFamiliesSettings().out.startswith("outputs/")
-    settings = AlignPropFamiliesSettings(families=["sd3"], steps=2, batch=1, width=16, sample_size=4, sd3_layers=1,
-                                         sd3_max_sequence_length=4, n_steps=1, out=str(tmp_path / "r.json"))
+    settings = AlignPropFamiliesSettings(families=["sd3", "dit"], steps=2, batch=1, width=16, sample_size=4,
+                                         sd3_layers=1, dit_layers=1, sd3_max_sequence_length=4, n_steps=1,
+                                         out=str(tmp_path / "r.json"))
     result = run(settings, in_process=True)
-    assert [(r["k"], r["checkpointing"]) for r in result["rows"]] == [(1, True), (1, False), (2, True), (2, False)]
-    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    assert markdown(result).count("| sd3 |") == 4
-    with pytest.raises(ValueError, match="families .*'dit'.*; allowed: sdxl, sd3"):
-        AlignPropFamiliesSettings(families=["dit"])
+    assert [(r["family"], r["k"], r["checkpointing"]) for r in result["rows"]] == [
+        (f, k, c) for f in ("sd3", "dit") for k in (1, 2) for c in (True, False)]
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [rows[0]["scheduler"], rows[4]["scheduler"]] == ["FlowMatchEulerDiscreteScheduler", "DDIMScheduler"]
+    assert rows[4]["network"] == "DiTTransformer2DModel"
+    assert markdown(result).count("| sd3 |") == 4 and markdown(result).count("| dit |") == 4
+    with pytest.raises(ValueError, match="families .*'flux'.*; allowed: sdxl, sd3, dit"):
+        AlignPropFamiliesSettings(families=["flux"])
     with pytest.raises(ValueError, match="lies in the shipped eval/results/ folder"):
         run(AlignPropFamiliesSettings(families=["sd3"], out=str(ROOT / "eval/results/x.json")))

@@ -1,12 +1,12 @@
 """AlignProp: fine-tune a diffusion model's LoRA by backpropagating a differentiable reward through sampling.
 
     accelerate launch train/alignprop.py --config configs/alignprop_digits.yaml [--key value ...]
-    accelerate launch train/alignprop.py --config configs/alignprop_sdxl.yaml      # or _sd15 / _sd3 (GPU)
+    accelerate launch train/alignprop.py --config configs/alignprop_sdxl.yaml      # or _sd15 / _sd3 / _dit (GPU)
     accelerate launch --multi_gpu --num_processes 2 train/alignprop.py --config configs/alignprop_digits.yaml \
         --max_train_steps 4 --output_dir OUT
 
 The objective (Prabhudesai et al., arXiv 2310.03739) is ``gen.reward.training.AlignPropObjective``; the loop is
-``gen.training``. ``model_type``: class_conditional | stable_diffusion | sdxl | sd3; defaults follow TRL 0.23's
+``gen.training``. ``model_type``: class_conditional | stable_diffusion | sdxl | sd3 | dit; defaults follow TRL 0.23's
 ``AlignPropConfig``. Output: ``pytorch_lora_weights.safetensors`` (Diffusers format), ``logs.jsonl``, ``eval.jsonl``.
 """
 

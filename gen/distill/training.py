@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gen.sampling.adapters import no_label_dropout
 from gen.training import Objective, Phase, TrainConfig, Trained, check_choice
 
 from .divergences import get_divergence
@@ -169,14 +170,6 @@ def load_student_init(path: str):
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and hasattr(diffusers, entry[1] or ""):
             return getattr(diffusers, entry[1]).from_pretrained(path, subfolder=key)
     raise ValueError(f"student_init {path!r} has no unet or transformer to start the student from")
-
-
-def no_label_dropout(net) -> None:
-    """Switch off the label dropout Diffusers' DiT keeps in training mode (10 %, for CFG): f-distill trains the
-    student and the fake score on the labels it gives them."""
-    for m in net.modules():
-        if type(m).__name__ == "LabelEmbedding":
-            m.dropout_prob = 0.0
 
 
 def fit_fake_to_teacher(fake, teacher, sched, cfg: FDistillTrainConfig, device) -> float:

@@ -1,18 +1,19 @@
 """AlignProp on the model families (``eval/alignprop_families.py``): time and memory of one training step on tiny
-SDXL and tiny SD3-style components, K = 1 with checkpointing against full backpropagation.
+SDXL, tiny SD3-style and tiny class-conditional DiT components, K = 1 with checkpointing against full
+backpropagation.
 
-One training step is what ``train/alignprop.py`` does per micro-step: encode the prompts with the family pipeline's
-own encoders, sample T steps with gradients through the last K (``gen.reward.training.generate``: the one sampling
-core, CFG through its guider, the network and the VAE decode checkpointed or not), reward (``contrast``), loss,
-backward, clip, AdamW on the rank-4 LoRA. Each configuration runs in a fresh subprocess with
-``MALLOC_MMAP_THRESHOLD_`` fixed (freed tensors return to the OS, so RSS follows live memory); after one warm-up
-step, ``n_steps`` timed steps. Reported per configuration: seconds per step (median wall time, and the process's
-CPU time, which other jobs on a shared box disturb less at one thread), the step's RSS high-water
-above the RSS before the timed steps (``/proc/self/clear_refs`` reset, then ``VmHWM``: the target measure, as in
-the digits table of ``eval/alignprop.py``), the bytes autograd saves for backward, and the process peak RSS.
-On CUDA the worker also reports ``torch.cuda.max_memory_allocated``.
+One training step is what ``train/alignprop.py`` does per micro-step: encode the prompts with the family pipeline's own
+encoders (DiT: class labels and the null class), sample T steps with gradients through the last K
+(``gen.reward.training.generate``: the one sampling core, CFG through its guider, the network and the VAE decode
+checkpointed or not), reward (``contrast``), loss, backward, clip, AdamW on the rank-4 LoRA. Each configuration runs in
+a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_`` fixed (freed tensors return to the OS, so RSS follows live memory);
+after one warm-up step, ``n_steps`` timed steps. Reported per configuration: seconds per step (median wall time, and the
+process's CPU time, which other jobs on a shared box disturb less at one thread), the step's RSS high-water above the
+RSS before the timed steps (``/proc/self/clear_refs`` reset, then ``VmHWM``: the target measure, as in the digits table
+of ``eval/alignprop.py``), the bytes autograd saves for backward, and the process peak RSS. On CUDA the worker also
+reports ``torch.cuda.max_memory_allocated``.
 
-    python eval/alignprop_families.py [--families sdxl sd3] [--steps 10] [--batch 2] [--out outputs/...json]
+    python eval/alignprop_families.py [--families sdxl sd3 dit] [--steps 10] [--batch 2] [--out outputs/...json]
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ import torch
 from gen.evaluation import REPO_ROOT, machine, option, output_path
 
 logger = logging.getLogger("gen.evaluation.alignprop_families")
-FAMILIES = ("sdxl", "sd3")
+FAMILIES = ("sdxl", "sd3", "dit")
 PROMPTS = ["a photo of a cat", "a dog", "a red car", "a house by a lake"]
+LABELS = ["1", "207", "360", "979"]   # DiT: class labels (ImageNet indices; the tiny DiT has 1000 classes)
 MMAP_THRESHOLD = "131072"
 
 
 @dataclasses.dataclass
 class AlignPropFamiliesSettings:
     families: list[str] = option(list(FAMILIES), "model families to measure", choices=FAMILIES)
-    steps: int = option(10, "T sampling steps (DDIM for SDXL as the trainer's default; flow Euler for SD3)")
+    steps: int = option(10, "T sampling steps (DDIM for SDXL and DiT as the trainer's default; flow Euler for SD3)")
     batch: int = option(2, "prompts per training step")
-    width: int = option(64, "tiny denoiser width (SDXL UNet channels 64/128; SD3 MMDiT width)")
+    width: int = option(64, "tiny denoiser width (SDXL UNet channels 64/128; SD3 MMDiT and DiT width)")
     sample_size: int = option(32, "latent side (images are twice as large: the tiny VAE's factor is 2)")
     sd3_layers: int = option(4, "joint transformer blocks of the tiny SD3")
+    dit_layers: int = option(4, "transformer blocks of the tiny DiT (learned sigma, patch 2)")
     sd3_max_sequence_length: int = option(256, "SD3: T5 tokens (zeros: the tiny SD3 has no T5), Diffusers' default")
     guidance_scale: float = option(5.0, "CFG weight (two network rows per sample and step)")
     n_steps: int = option(3, "timed training steps per configuration (after one warm-up)")
@@ -55,7 +58,8 @@ class AlignPropFamiliesSettings:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ValueError(f"families {bad or self.families}; allowed: {', '.join(FAMILIES)}")
-        for name in ("steps", "batch", "n_steps", "reps", "threads", "sd3_layers", "sd3_max_sequence_length"):
+        for name in ("steps", "batch", "n_steps", "reps", "threads", "sd3_layers", "dit_layers",
+                     "sd3_max_sequence_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.width < 8 or self.width % 8:
@@ -72,16 +76,21 @@ def configurations(settings: AlignPropFamiliesSettings) -> list[dict]:
             for ckpt in (True, False):
                 out.append({"family": family, "k": k, "checkpointing": ckpt, "steps": settings.steps,
                             "batch": settings.batch, "width": settings.width, "sample_size": settings.sample_size,
-                            "sd3_layers": settings.sd3_layers, "guidance_scale": settings.guidance_scale,
+                            "sd3_layers": settings.sd3_layers, "dit_layers": settings.dit_layers,
+                            "guidance_scale": settings.guidance_scale,
                             "max_sequence_length": settings.sd3_max_sequence_length, "n_steps": settings.n_steps})
     return out
 
 
 def tiny_pipeline(spec: dict):
     """The family pipeline on tiny random components of the spec's size (nothing downloaded)."""
-    from gen.models.tiny_families import build_tiny_sd3, build_tiny_sdxl
-    from pipelines import GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
+    from gen.models.tiny_families import build_tiny_dit, build_tiny_sd3, build_tiny_sdxl
+    from pipelines import GuidedDiTPipeline, GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
 
+    if spec["family"] == "dit":
+        parts = build_tiny_dit(0, width=spec["width"], sample_size=spec["sample_size"],
+                               num_layers=spec.get("dit_layers", 4))
+        return GuidedDiTPipeline(**parts)
     if spec["family"] == "sdxl":
         parts = build_tiny_sdxl(0, width=spec["width"], sample_size=spec["sample_size"])
         return GuidedStableDiffusionXLPipeline(**parts, add_watermarker=False)
@@ -96,7 +105,8 @@ def measure(spec: dict) -> dict:
     from gen.reward.training import AlignPropConfig, compute_loss, denoiser, generate, make_backend, select_scheduler
 
     torch.manual_seed(0)
-    cfg = AlignPropConfig(model_type=spec["family"], pretrained_model="tiny", prompts=PROMPTS, rewards="contrast:1.0",
+    prompts = LABELS if spec["family"] == "dit" else PROMPTS
+    cfg = AlignPropConfig(model_type=spec["family"], pretrained_model="tiny", prompts=prompts, rewards="contrast:1.0",
                           num_inference_steps=spec["steps"], eta=0.0, guidance_scale=spec["guidance_scale"],
                           truncation="fixed", backprop_k=spec["k"], gradient_checkpointing=spec["checkpointing"],
                           checkpoint_decoder=spec["checkpointing"], train_batch_size=spec["batch"],
@@ -120,7 +130,7 @@ def measure(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def step(saved):
-        batch = [PROMPTS[int(i)] for i in torch.randint(0, len(PROMPTS), (cfg.train_batch_size,), generator=g)]
+        batch = [prompts[int(i)] for i in torch.randint(0, len(prompts), (cfg.train_batch_size,), generator=g)]
         with saved if saved is not None else _null():
             images, info = generate(cfg, backend, batch, device, g, trunc)
             loss = compute_loss(cfg, check_reward(reward(images, batch), len(batch)))

@@ -13,6 +13,9 @@ SD 1.x/2.x, SDXL (``UNet2DConditionModel``)  ``unet``         ``StableDiffusionP
 SD3-style (``SD3Transformer2DModel``)        ``transformer``  ``StableDiffusion3Pipeline.load_lora_weights``
 class-conditional ``UNet2DModel``            ``unet``         ``pipelines.lora.UNetLoraLoaderMixin`` (ours:
                                                               Diffusers' loaders do not cover ``UNet2DModel``)
+class-conditional ``DiTTransformer2DModel``  ``transformer``  ``pipelines.GuidedDiTPipeline.load_lora_weights``
+                                                              (ours, ``TransformerLoraLoaderMixin``: Diffusers'
+                                                              ``DiTPipeline`` has no LoRA loader)
 ==========================================  ===============  ==============================================
 
 Mixing (AlignProp's "reward soup", Sec. 5 of the paper): theta = c * theta_A + (1 - c) * theta_B. With a common
@@ -127,7 +130,7 @@ def save_lora(folder, state_dict: dict[str, torch.Tensor], metadata: dict, prefi
     """Write ``folder/pytorch_lora_weights.safetensors`` in the Diffusers format (``prefix.`` keys + metadata).
 
     Args:
-        prefix: ``unet`` (UNets) or ``transformer`` (SD3-style transformers); see :func:`lora_prefix`.
+        prefix: ``unet`` (UNets) or ``transformer`` (SD3-style transformers, DiT); see :func:`lora_prefix`.
     """
     from safetensors.torch import save_file
 
@@ -191,10 +194,16 @@ def read_lora(path, with_prefix: bool = False) -> tuple:
 
 
 def load_lora_into_unet(unet: nn.Module, path, adapter_name: str = "default") -> dict:
-    """Inject a LoRA read with :func:`read_lora` into ``unet`` (peft) and load its weights; returns the metadata."""
+    """Inject a LoRA read with :func:`read_lora` into ``unet`` (a UNet or transformer denoiser; peft) and load its
+    weights; returns the metadata. A file whose key prefix is not the network's (:func:`lora_prefix`: ``unet.`` keys
+    for a transformer, or the reverse) is a ``ValueError``."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    sd, meta = read_lora(path)
+    sd, meta, prefix = read_lora(path, with_prefix=True)
+    expected = lora_prefix(unet)
+    if prefix != expected:
+        raise ValueError(f"LoRA file {str(path)!r} holds '{prefix}.' weights, but {type(unet).__name__} takes "
+                         f"'{expected}.' ones (a LoRA of another network family)")
     try:
         cfg = LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__})
         inject_adapter_in_model(cfg, unet, adapter_name=adapter_name)

@@ -30,13 +30,15 @@ core of :mod:`gen.sampling` with its keep-gradient mask; classifier-free guidanc
 Back-ends (what the trainer needs from a family: prompt encoding into both CFG branches, latent shape, the guided
 network, VAE decode with optional checkpointing): :class:`ClassConditionalBackend` (digits ``UNet2DModel``),
 :class:`StableDiffusionBackend` (SD 1.x/2.x), :class:`StableDiffusionXLBackend` and :class:`SD3Backend` (the family
-pipelines' own ``encode_prompt``, SDXL's added time ids and pooled embeddings, SD3's pooled projections).
+pipelines' own ``encode_prompt``, SDXL's added time ids and pooled embeddings, SD3's pooled projections) and
+:class:`DiTBackend` (class-conditional ``DiTTransformer2DModel``: labels by index or ImageNet name, the null class,
+the core's ``DiTAdapter`` dropping the learned-variance channels).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -46,6 +48,7 @@ from gen.sampling import (
     CallableAdapter,
     ClassUNetAdapter,
     Conditioning,
+    DiTAdapter,
     SD3Adapter,
     UNetTextAdapter,
     adapter_for,
@@ -216,6 +219,49 @@ def check_reward(rewards, batch_size: int, name: str = "reward") -> torch.Tensor
     return rewards
 
 
+def class_label_ids(items, num_classes: int | None = None, names: Mapping[str, int] | None = None,
+                    key: str = "labels", model_type: str = "class_conditional") -> list[int]:
+    """Class indices of labels given as prompts: integers (or their strings) and, for a model with class names
+    (DiT's ImageNet ``id2label``, as ``DiTPipeline.labels``: name -> index), names.
+
+    Args:
+        items: the prompts (strings or ints).
+        num_classes: labels must lie in ``0 .. num_classes - 1`` (None: only ``>= 0`` is checked).
+        names: name -> index; None when the family takes integer labels only (the digits UNet), ``{}`` for a model
+            without names.
+        key, model_type: named in the error (the config key and the family).
+    Raises:
+        ValueError: naming the bad items and what is allowed.
+    """
+    labels = []
+    for p in items:
+        text = str(p).strip()
+        try:
+            labels.append(int(text))
+            continue
+        except ValueError:
+            pass
+        if names and text in names:
+            labels.append(int(names[text]))
+        elif names is None:
+            raise ValueError(f"{key}: {p!r} is not a class label; model_type={model_type} takes integer labels "
+                             "as prompts") from None
+        elif names:
+            known = ", ".join(list(names)[:8]) + (" ..." if len(names) > 8 else "")
+            raise ValueError(f"{key}: {p!r} is neither a class index nor a class name of this model; model_type="
+                             f"{model_type} takes indices 0..{num_classes - 1 if num_classes else 'N-1'} or names "
+                             f"(pipe.labels: {known})") from None
+        else:
+            raise ValueError(f"{key}: {p!r} is not a class index, and this model has no class names (no id2label); "
+                             f"model_type={model_type} takes indices "
+                             f"0..{num_classes - 1 if num_classes else 'N-1'}") from None
+    bad = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
+    if bad:
+        allowed = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise ValueError(f"{key}: labels {bad[:8]} out of range; allowed {allowed}")
+    return labels
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model back-ends: what the trainer needs from each model family. A backend encodes the prompts (or labels) into a
 # Conditioning (both CFG branches), gives the latent shape and the scheduler's set_timesteps arguments, wraps the
@@ -268,8 +314,9 @@ class ClassConditionalBackend:
 
 
 class LatentTextBackend:
-    """What the text-to-image families share: the image size, the latent shape, the guided network and the VAE
-    decode (optionally checkpointed, so the decoder's activations are recomputed in backward instead of kept).
+    """What the latent families share (the text-to-image ones and DiT): the image size, the latent shape, the guided
+    network and the VAE decode (optionally checkpointed, so the decoder's activations are recomputed in backward
+    instead of kept).
 
     Subclasses set ``adapter_class`` and implement :meth:`encode` and :meth:`to_vae_latents`.
 
@@ -478,5 +525,53 @@ class SD3Backend(LatentTextBackend):
         return latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
 
 
+class DiTBackend(LatentTextBackend):
+    """Class-conditional DiT (Peebles & Xie 2023): ``DiTTransformer2DModel`` + ``AutoencoderKL`` + its scheduler, as
+    ``pipelines.GuidedDiTPipeline`` (Diffusers' ``DiTPipeline``) samples it.
+
+    Conditions are class labels: integers, or class names of the pipeline's ``id2label`` (``pipe.labels``; ImageNet's
+    for DiT-XL/2). The unconditional branch is the null class ``num_embeds_ada_norm`` (the core's
+    :class:`gen.sampling.DiTAdapter`, which also keeps the noise half of a learned-variance output), combined by
+    ``CFG(guidance_scale)``; latents decode as ``vae.decode(z / scaling_factor)`` to [0, 1]. DiT samples at its native
+    size only (``sample_size`` latents; its pipeline has no height/width), so ``resolution`` must equal it.
+
+    Args:
+        pipe: a ``DiTPipeline`` (or our ``GuidedDiTPipeline``) for its transformer, VAE, scheduler and labels.
+        network: the transformer to call (default ``pipe.transformer``; the DDP-wrapped one while training).
+        scheduler: default ``pipe.scheduler``.
+        guidance_scale: CFG weight w (DiT's default 4.0); 1 = no unconditional pass.
+        resolution: None or the native image side ``sample_size x VAE factor``.
+    """
+
+    family = "dit"
+    adapter_class = DiTAdapter
+
+    def __init__(self, pipe, network=None, scheduler=None, guidance_scale: float = 4.0,
+                 resolution: int | None = None):
+        net = network if network is not None else pipe.transformer
+        super().__init__(net, pipe.vae, scheduler or pipe.scheduler, guidance_scale, resolution, pipe.transformer,
+                         multiple=pipe.transformer.config.patch_size)
+        native = self.cfg.sample_size * self.vae_scale_factor
+        if self.resolution != native:
+            raise ValueError(f"resolution {self.resolution} with a DiT: it samples at its native size {native} "
+                             f"(sample_size {self.cfg.sample_size} x VAE factor {self.vae_scale_factor}; "
+                             "GuidedDiTPipeline has no height/width); leave resolution unset")
+        self.pipe = pipe
+        self.num_classes = DiTAdapter(pipe.transformer).num_classes
+        self.names = dict(getattr(pipe, "labels", None) or {})
+
+    def label_ids(self, prompts, key: str = "labels") -> list[int]:
+        """Class indices of ``prompts`` (indices or names); ``ValueError`` naming a bad one."""
+        return class_label_ids(prompts, self.num_classes, self.names, key=key, model_type="dit")
+
+    def encode(self, prompts, device) -> Conditioning:
+        """The labels and the null class (the unconditional branch)."""
+        labels = torch.tensor(self.label_ids(prompts), dtype=torch.long, device=device)
+        return self.adapter_class(self.network).class_conditioning(labels)
+
+    def to_vae_latents(self, latents):
+        return latents / self.vae.config.scaling_factor
+
+
 BACKENDS = {"class_conditional": ClassConditionalBackend, "stable_diffusion": StableDiffusionBackend,
-            "sdxl": StableDiffusionXLBackend, "sd3": SD3Backend}
+            "sdxl": StableDiffusionXLBackend, "sd3": SD3Backend, "dit": DiTBackend}

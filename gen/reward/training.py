@@ -9,9 +9,11 @@ through the last K steps), decode to images in [0, 1], evaluate the weighted rew
     loss_type = "target":      L =  loss_scale * mean(|R - reward_target|)    (the original aesthetic loss)
 
 over the LoRA parameters only. Families (``model_type``): ``class_conditional`` (digits ``UNet2DModel``),
-``stable_diffusion`` (SD 1.x/2.x), ``sdxl`` and ``sd3`` (SD3-style flow transformers), loaded through our family
-pipelines (Diffusers' subclasses) so that prompts are encoded by the pipeline's own encoders; the LoRA file is the
-one Diffusers' ``load_lora_weights`` of each family reads (``unet.`` or ``transformer.`` keys).
+``stable_diffusion`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3-style flow transformers) and ``dit`` (class-conditional
+``DiTTransformer2DModel``; prompts are class indices or ImageNet names), loaded through our family pipelines
+(Diffusers' subclasses) so that prompts are encoded by the pipeline's own encoders; the LoRA file is the one
+Diffusers' ``load_lora_weights`` of each family reads (``unet.`` or ``transformer.`` keys; for DiT, whose Diffusers
+pipeline has no LoRA loader, ``pipelines.GuidedDiTPipeline.load_lora_weights``).
 
 Held-out evaluation (fixed noise; reward, and for the digits model FID-digits against the test split and against
 the base model's samples: the drift that shows reward hacking) runs at the start
@@ -35,10 +37,10 @@ from gen.training import Objective, TrainConfig, Trained, atomic_write_text, che
 
 from .lora import add_lora, lora_metadata, lora_prefix, lora_state_dict, save_lora
 from .rewards import build_reward, reward_names
-from .sampling import TRUNCATION_MODES, Truncation, check_reward, sample_with_grad, step_kwargs_for
+from .sampling import TRUNCATION_MODES, Truncation, check_reward, class_label_ids, sample_with_grad, step_kwargs_for
 
 logger = logging.getLogger(__name__)
-MODEL_TYPES = ("class_conditional", "stable_diffusion", "sdxl", "sd3")
+MODEL_TYPES = ("class_conditional", "stable_diffusion", "sdxl", "sd3", "dit")
 LOSS_TYPES = ("neg_reward", "target")
 SCHEDULERS = ("auto", "ddim", "pipeline")
 # the Diffusers pipeline classes of each family (ours subclass them), read from a folder's model_index.json
@@ -47,9 +49,10 @@ FAMILY_PIPELINES = {
     "stable_diffusion": ("StableDiffusionPipeline", "GuidedStableDiffusionPipeline"),
     "sdxl": ("StableDiffusionXLPipeline", "GuidedStableDiffusionXLPipeline"),
     "sd3": ("StableDiffusion3Pipeline", "GuidedStableDiffusion3Pipeline"),
+    "dit": ("DiTPipeline", "GuidedDiTPipeline"),
 }
 SUPPORTED = ("class_conditional (UNet2DModel with class labels), stable_diffusion (SD 1.x/2.x), sdxl, "
-             "sd3 (SD3-style flow transformers)")
+             "sd3 (SD3-style flow transformers), dit (class-conditional DiTTransformer2DModel)")
 
 
 @dataclasses.dataclass
@@ -61,18 +64,20 @@ class AlignPropConfig(TrainConfig):
 
     # model
     model_type: str = dataclasses.field(default="class_conditional",
-                                        metadata={"help": "class_conditional | stable_diffusion | sdxl | sd3"})
+                                        metadata={"help": "class_conditional | stable_diffusion | sdxl | sd3 | "
+                                                          "dit"})
     pretrained_model: str = dataclasses.field(default="checkpoints/digits-teacher",
                                               metadata={"help": "pipeline folder or hub id; 'tiny' = tiny random "
                                                                 "components of the family (tests)"})
-    resolution: int | None = dataclasses.field(default=None, metadata={"help": "image side (default: native)"})
+    resolution: int | None = dataclasses.field(default=None, metadata={"help": "image side (default: native; dit: "
+                                                                             "native only)"})
     use_t5: bool = dataclasses.field(default=True, metadata={"help": "sd3: load the T5 encoder (false: zeros, as "
                                                                      "Diffusers without it; saves its memory)"})
     max_sequence_length: int = dataclasses.field(default=256, metadata={"help": "sd3: T5 tokens"})
     # sampling (TRL: sample_num_steps, sample_eta, sample_guidance_scale, negative_prompts)
     scheduler: str = dataclasses.field(
         default="auto", metadata={"help": "auto (DDIM for SD 1.x/SDXL as TRL; the pipeline's own for class_conditional "
-                                          "and the flow scheduler for sd3) | ddim | pipeline"})
+                                          "and dit, the flow scheduler for sd3) | ddim | pipeline"})
     num_inference_steps: int = dataclasses.field(default=50, metadata={"help": "T sampling steps (TRL: 50)"})
     eta: float | None = dataclasses.field(
         default=None, metadata={"help": "DDIM eta; default (none): 1.0 on schedulers with eta (TRL's sample_eta), 0 "
@@ -112,7 +117,8 @@ class AlignPropConfig(TrainConfig):
                                                                                   "num_checkpoint_limit)"})
     # prompts / labels
     prompts: list[str] = dataclasses.field(default_factory=list,
-                                           metadata={"help": "training prompts (class labels for class_conditional)"})
+                                           metadata={"help": "training prompts (class labels for class_conditional; "
+                                                             "class indices or id2label names for dit)"})
     prompt_file: str | None = dataclasses.field(default=None, metadata={"help": "one prompt/label per line"})
     eval_prompts: list[str] = dataclasses.field(default_factory=list,
                                                 metadata={"help": "held-out prompts/labels (empty: no evaluation)"})
@@ -141,6 +147,9 @@ class AlignPropConfig(TrainConfig):
         if self.model_type == "sd3" and self.scheduler == "ddim":
             raise ValueError("scheduler=ddim with model_type=sd3: SD3-style models are flow-matching (velocity) "
                              "models; use scheduler=auto or pipeline (FlowMatchEulerDiscreteScheduler)")
+        if self.model_type == "dit" and self.negative_prompt is not None:
+            raise ValueError("negative_prompt with model_type=dit: DiT's unconditional branch is its null class "
+                             "(num_embeds_ada_norm); leave negative_prompt unset")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1; got {self.max_sequence_length}")
         check_choice(self, "truncation", TRUNCATION_MODES)
@@ -173,20 +182,11 @@ class AlignPropConfig(TrainConfig):
                           k_max=self.backprop_k_max or None, cut_min=self.cut_min, cut_max=self.cut_max or None)
 
 
-def check_labels(items, key: str, num_classes: int | None = None) -> list[int]:
-    """Class labels given as prompts: integers, in ``0..num_classes-1`` when the number of classes is known."""
-    labels = []
-    for p in items:
-        try:
-            labels.append(int(str(p).strip()))
-        except ValueError:
-            raise ValueError(f"{key}: {p!r} is not a class label; model_type=class_conditional takes integer labels "
-                             "as prompts") from None
-    bad = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
-    if bad:
-        allowed = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
-        raise ValueError(f"{key}: labels {bad[:8]} out of range; allowed {allowed}")
-    return labels
+def check_labels(items, key: str, num_classes: int | None = None, names: dict[str, int] | None = None,
+                 model_type: str = "class_conditional") -> list[int]:
+    """Class labels given as prompts: integers, in ``0..num_classes-1`` when the number of classes is known; with
+    ``names`` (name -> index, DiT's ``id2label``) also class names (:func:`gen.reward.sampling.class_label_ids`)."""
+    return class_label_ids(items, num_classes, names, key=key, model_type=model_type)
 
 
 def read_prompts(items: list[str], path: str | None) -> list[str]:
@@ -232,6 +232,27 @@ def class_count(cfg: AlignPropConfig) -> int | None:
     return n - 1  # the last embedding is the null class
 
 
+def dit_labels(cfg: AlignPropConfig) -> tuple[int, dict[str, int]] | None:
+    """``(number of classes, name -> index)`` of a DiT read without loading weights: a local pipeline folder's
+    ``transformer/config.json`` (``num_embeds_ada_norm``) and ``model_index.json`` (``id2label``, split on commas
+    as ``DiTPipeline`` does); None for a hub id or the tiny model (checked after loading)."""
+    path = Path(cfg.pretrained_model)
+    if cfg.pretrained_model == "tiny" or not path.exists():
+        return None
+    check_family(cfg)   # a folder of another family is named as such
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        raise ValueError(f"pretrained_model {cfg.pretrained_model!r} is not a DiT pipeline folder (no "
+                         "transformer/config.json)")
+    n = json.loads(config.read_text()).get("num_embeds_ada_norm")
+    if not n:
+        raise ValueError(f"pretrained_model {cfg.pretrained_model!r} has no class embeddings (num_embeds_ada_norm)")
+    index = path / "model_index.json"
+    id2label = (json.loads(index.read_text()).get("id2label") or {}) if index.is_file() else {}
+    names = {name.strip(): int(k) for k, v in id2label.items() for name in str(v).split(",")}
+    return int(n), dict(sorted(names.items()))
+
+
 def _tiny_pipeline(cfg: AlignPropConfig):
     """Tiny random components of the family (tests and benchmarks; nothing downloaded)."""
     if cfg.model_type == "stable_diffusion":
@@ -241,9 +262,11 @@ def _tiny_pipeline(cfg: AlignPropConfig):
 
         return StableDiffusionPipeline(**build_tiny_sd(cfg.seed), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    from gen.models.tiny_families import build_tiny_sd3, build_tiny_sdxl
-    from pipelines import GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
+    from gen.models.tiny_families import build_tiny_dit, build_tiny_sd3, build_tiny_sdxl
+    from pipelines import GuidedDiTPipeline, GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
 
+    if cfg.model_type == "dit":
+        return GuidedDiTPipeline(**build_tiny_dit(cfg.seed))
     if cfg.model_type == "sdxl":
         return GuidedStableDiffusionXLPipeline(**build_tiny_sdxl(cfg.seed), add_watermarker=False)
     return GuidedStableDiffusion3Pipeline(**build_tiny_sd3(cfg.seed))
@@ -251,9 +274,10 @@ def _tiny_pipeline(cfg: AlignPropConfig):
 
 def load_model(cfg: AlignPropConfig):
     """The base pipeline of the config: ``ClassConditionalLoraPipeline``, Diffusers' ``StableDiffusionPipeline``, or
-    our family pipelines ``GuidedStableDiffusionXLPipeline`` / ``GuidedStableDiffusion3Pipeline`` (Diffusers'
-    subclasses: their prompt encoding, and ``load_lora_weights`` for the saved LoRA). The network is then checked
-    against ``model_type`` (a hub id whose pipeline is of another family is a ``ValueError``)."""
+    our family pipelines ``GuidedStableDiffusionXLPipeline`` / ``GuidedStableDiffusion3Pipeline`` /
+    ``GuidedDiTPipeline`` (Diffusers' subclasses: their prompt encoding or labels, and ``load_lora_weights`` for the
+    saved LoRA). The network is then checked against ``model_type`` (a hub id whose pipeline is of another family is
+    a ``ValueError``)."""
     if cfg.model_type == "class_conditional":
         from pipelines.lora import ClassConditionalLoraPipeline
 
@@ -264,10 +288,10 @@ def load_model(cfg: AlignPropConfig):
         check_family(cfg)
         from diffusers import StableDiffusionPipeline
 
-        from pipelines import GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
+        from pipelines import GuidedDiTPipeline, GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
 
         cls = {"stable_diffusion": StableDiffusionPipeline, "sdxl": GuidedStableDiffusionXLPipeline,
-               "sd3": GuidedStableDiffusion3Pipeline}[cfg.model_type]
+               "sd3": GuidedStableDiffusion3Pipeline, "dit": GuidedDiTPipeline}[cfg.model_type]
         kwargs = {"safety_checker": None} if cfg.model_type == "stable_diffusion" else {}
         if cfg.model_type == "sd3" and not cfg.use_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
@@ -287,7 +311,7 @@ def check_network(cfg: AlignPropConfig, pipe) -> None:
     unet_kind = getattr(getattr(net, "config", None), "addition_embed_type", None)
     ok = {"stable_diffusion": name == "UNet2DConditionModel" and unet_kind != "text_time",
           "sdxl": name == "UNet2DConditionModel" and unet_kind == "text_time",
-          "sd3": name == "SD3Transformer2DModel"}.get(cfg.model_type, True)
+          "sd3": name == "SD3Transformer2DModel", "dit": name == "DiTTransformer2DModel"}.get(cfg.model_type, True)
     if not ok:
         raise ValueError(f"pretrained_model {cfg.pretrained_model!r} holds a {type(pipe).__name__} with a {name}"
                          f"{' (text_time embedding: SDXL)' if unet_kind == 'text_time' else ''}, which is not "
@@ -303,7 +327,7 @@ def denoiser(pipe):
 def select_scheduler(cfg: AlignPropConfig, pipe):
     """The sampling scheduler (set on ``pipe`` too): ``ddim`` is ``DDIMScheduler.from_config`` of the pipeline's (as
     TRL does for SD); ``pipeline`` keeps the pipeline's own; ``auto`` is DDIM for SD 1.x/SDXL and the pipeline's own
-    for class-conditional models and SD3 (its flow-matching Euler scheduler)."""
+    for class-conditional models (digits UNet, DiT) and SD3 (its flow-matching Euler scheduler)."""
     from diffusers import DDIMScheduler
 
     ddim = cfg.scheduler == "ddim" or (cfg.scheduler == "auto" and cfg.model_type in ("stable_diffusion", "sdxl"))
@@ -323,10 +347,18 @@ def resolve_eta(eta: float | None, scheduler) -> float:
 
 def make_backend(cfg: AlignPropConfig, pipe, network):
     """The :mod:`gen.reward.sampling` backend of the pipeline, calling ``network`` (e.g. the DDP-wrapped one)."""
-    from .sampling import ClassConditionalBackend, SD3Backend, StableDiffusionBackend, StableDiffusionXLBackend
+    from .sampling import (
+        ClassConditionalBackend,
+        DiTBackend,
+        SD3Backend,
+        StableDiffusionBackend,
+        StableDiffusionXLBackend,
+    )
 
     if cfg.model_type == "class_conditional":
         return ClassConditionalBackend(network, pipe.scheduler, cfg.guidance_scale, config_unet=pipe.unet)
+    if cfg.model_type == "dit":
+        return DiTBackend(pipe, network, guidance_scale=cfg.guidance_scale, resolution=cfg.resolution)
     if cfg.model_type == "sdxl":
         return StableDiffusionXLBackend(pipe, network, guidance_scale=cfg.guidance_scale,
                                         negative_prompt=cfg.negative_prompt, resolution=cfg.resolution)
@@ -425,6 +457,9 @@ class AlignPropObjective(Objective):
             n = class_count(cfg)
             check_labels(self.train_prompts, "prompts", n)
             check_labels(self.eval_prompts, "eval_prompts", n)
+        labels = dit_labels(cfg) if cfg.model_type == "dit" else None
+        if labels is not None:  # a DiT folder: indices and names checked before it loads
+            self.check_dit_labels(*labels)
         n_eval = len(self.eval_prompts) * cfg.eval_samples_per_prompt + (cfg.fid_num_samples if self.eval_prompts
                                                                           else 0)
         if self.eval_prompts:
@@ -439,6 +474,10 @@ class AlignPropObjective(Objective):
             torch.backends.cudnn.allow_tf32 = True
         pipe = load_model(cfg)
         pipe.set_progress_bar_config(disable=True)
+        if cfg.model_type == "dit" and labels is None:  # a hub id or tiny: checked against the loaded pipeline
+            from gen.sampling import DiTAdapter
+
+            self.check_dit_labels(DiTAdapter(pipe.transformer).num_classes, dict(pipe.labels))
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         for name, part in pipe.components.items():
             if not isinstance(part, torch.nn.Module):
@@ -452,6 +491,10 @@ class AlignPropObjective(Objective):
         step_kwargs_for(pipe.scheduler, resolve_eta(cfg.eta, pipe.scheduler))  # eta on a scheduler without it
         # 3. LoRA on the denoiser (a target matching no module: ValueError listing the module names), reward
         net = denoiser(pipe)
+        if cfg.model_type == "dit":  # the loop puts the network in training mode: sample with the labels given
+            from gen.sampling import no_label_dropout
+
+            no_label_dropout(net)
         self.net_name = "transformer" if "Transformer" in type(net).__name__ else "unet"
         lcfg = add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
                         init="gaussian" if cfg.lora_init == "gaussian" else True)
@@ -464,6 +507,11 @@ class AlignPropObjective(Objective):
         self.extractor, self.base_images = None, None
         self.fid_prompts = sorted(set(self.train_prompts) | set(self.eval_prompts), key=lambda p: (len(p), p))
         return {self.net_name: Trained(net, cfg.learning_rate, save_frozen=False)}
+
+    def check_dit_labels(self, num_classes: int, names: dict[str, int]) -> None:
+        """The prompts of a DiT run: class indices in ``0..num_classes-1`` or names of its ``id2label``."""
+        check_labels(self.train_prompts, "prompts", num_classes, names, "dit")
+        check_labels(self.eval_prompts, "eval_prompts", num_classes, names, "dit")
 
     def describe(self):
         cfg = self.cfg

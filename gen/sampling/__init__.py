@@ -11,6 +11,7 @@ from .adapters import (
     SD3Adapter,
     UNetTextAdapter,
     adapter_for,
+    no_label_dropout,
     unwrap_network,
 )
 from .core import SampleResult, StepHook, StepState, denoise, scheduler_step_kwargs
@@ -29,6 +30,7 @@ __all__ = [
     "UNetTextAdapter",
     "adapter_for",
     "denoise",
+    "no_label_dropout",
     "scheduler_step_kwargs",
     "unwrap_network",
 ]

@@ -202,6 +202,15 @@ class DiTAdapter(ModelAdapter):
         return Conditioning(cond={"class_labels": labels}, uncond=uncond)
 
 
+def no_label_dropout(net) -> None:
+    """Switch off the label dropout Diffusers' DiT keeps in training mode (10 %, for CFG; its ``LabelEmbedding``
+    replaces labels by the null class at random): methods that train a DiT on the labels they give it (f-distill's
+    student and fake score, AlignProp's sampling with gradients) call this. The null row of the table stays."""
+    for m in net.modules():
+        if type(m).__name__ == "LabelEmbedding":
+            m.dropout_prob = 0.0
+
+
 def _dit_label_table(net):
     # the first block's AdaLayerNormZero holds DiT's CombinedTimestepLabelEmbeddings
     try:
