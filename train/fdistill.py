@@ -149,13 +149,13 @@ class _Pair:
 def _toy_teacher(cfg):
     from diffusers import DDPMScheduler
 
-    from gen.data.toys import mixture_params
+    from gen.data.toys import mixture_params, mixture_weights
     from gen.distill.toy import GaussianMixtureTeacher
 
     name = cfg.teacher[len(TOY_PREFIX):]
     centres, std = mixture_params(name)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, clip_sample=False)
-    return GaussianMixtureTeacher(centres, cfg.toy_std or std, sched), sched
+    return GaussianMixtureTeacher(centres, cfg.toy_std or std, sched, weights=mixture_weights(name)), sched
 
 
 def load_teacher(cfg):

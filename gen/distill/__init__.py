@@ -14,6 +14,7 @@ from .fdistill import (
     fdistill_weights,
     gan_generator_loss,
     one_step_generate,
+    per_bin_statistics,
     vsd_loss,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "fdistill_weights",
     "gan_generator_loss",
     "one_step_generate",
+    "per_bin_statistics",
     "vsd_loss",
 ]

@@ -61,7 +61,7 @@ def teacher_apg():
 def teacher_ag():
     from gen.guidance import CFG, AdaptiveGuidance
 
-    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=0.999, min_steps=4)
+    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=0.999, min_steps=4, criterion="eps_cosine")
     return _teacher()(class_labels=LABELS, num_inference_steps=10, guider=ag, generator=_g(),
                       output_type="pt").images
 
