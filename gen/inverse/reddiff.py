@@ -38,9 +38,10 @@ from gen.diffusion import alpha_sigma, to_x0_eps
 
 from .operators import Operator
 
-__all__ = ["WEIGHTINGS", "snr_weight", "reddiff_timesteps", "red_diff", "eps_predictor"]
+__all__ = ["OPTIMIZERS", "WEIGHTINGS", "snr_weight", "reddiff_timesteps", "red_diff", "eps_predictor"]
 
 WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip_linear", "const")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def snr_weight(weighting: str | Callable, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -104,6 +105,7 @@ def red_diff(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: Callable | None = None,
+    optimizer: str = "adam",
 ) -> torch.Tensor:
     """RED-Diff (Algorithm 1 of Mardani et al. 2024), batched.
 
@@ -122,6 +124,12 @@ def red_diff(
         decode: optional map ``mu -> image`` before ``H`` (latent RED-Diff: the VAE decoder; differentiated).
         callback: ``callback(i, t, mu)`` after each step.
         progress: optional wrapper of the step iterator (e.g. a pipeline's ``progress_bar``).
+        optimizer: ``"adam"`` (Algorithm 1 and the reference code; ``adam_betas``) or ``"sgd"`` (plain gradient
+            steps ``mu <- mu - lr grad`` on the same loss). Adam normalises each coordinate, so on pixels the data
+            term does not see (inpainting holes) ``lam`` drops out and every step moves them by about ``lr``. With
+            SGD the regulariser step is ``lr lambda_t (eps_hat - eps)``, and since ``eps_hat - eps ~ (alpha_t /
+            sigma_t) (mu - x0_hat(x_t))``, ``weighting="linear"`` with ``lr * lam = 1`` moves unseen pixels to the
+            denoiser's estimate ``x0_hat`` at every step (an annealed denoising of ``mu``).
     Returns:
         the final ``mu`` (detached), same shape as ``x_init``.
     """
@@ -138,9 +146,14 @@ def red_diff(
     timesteps = torch.as_tensor(timesteps)
     if timesteps.ndim != 1 or timesteps.numel() == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D tensor; got shape {tuple(timesteps.shape)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
     mu = x_init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([mu], lr=lr, betas=adam_betas, weight_decay=0.0)
+    if optimizer == "adam":
+        opt = torch.optim.Adam([mu], lr=lr, betas=adam_betas, weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD([mu], lr=lr)
     batch = mu.shape[0]
     steps = progress(timesteps) if progress is not None else timesteps
     for i, t in enumerate(steps):
