@@ -63,12 +63,13 @@ def evaluate(images, labels, extractor) -> dict:
             "frac_white": float((images.clamp(-1, 1) >= 1 - 1 / 255).float().mean())}
 
 
-def pooled_psnr(a, b, data_range: float = 2.0) -> float:
-    """PSNR of the mean squared error over all images (identical images would make a per-image mean infinite)."""
+def pooled_psnr(a, b, data_range: float = 2.0, cap: float = 100.0) -> float:
+    """PSNR of the mean squared error over all images (a per-image mean would be infinite for identical images);
+    identical sets count as ``cap`` dB."""
     import math
 
     mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return cap if mse == 0 else min(cap, 10 * math.log10(data_range**2 / mse))
 
 
 def mean_psnr(a, b, data_range: float = 2.0, cap: float = 100.0) -> float:
@@ -149,7 +150,7 @@ def run_adaptive(pipe, args, extractor) -> dict:
                         100 * row["nfe_saving"], row["fid"], 100 * row["fid_vs_cfg"], row["psnr_vs_cfg"])
 
     def ms(values):
-        values = list(values)
+        values = [float(v) for v in values]
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     summary = []
