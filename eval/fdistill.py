@@ -78,8 +78,8 @@ def h_per_bin(run: Path, last_fraction: float = 0.2) -> dict:
         return {}
     tail = logs[int(len(logs) * (1 - last_fraction)):] or logs[-1:]
     out = {}
-    for key in sorted({k for r in tail for k in r if k.startswith(("h_bin", "r_bin"))}, key=lambda k: (k[0],
-                                                                                                       int(k[5:]))):
+    keys = {k for r in tail for k in r if k.startswith(("h_bin", "h_std_bin", "r_bin"))}
+    for key in sorted(keys, key=lambda k: (k.rsplit("bin", 1)[0], int(k.rsplit("bin", 1)[1]))):
         vals = [r[key] for r in tail if key in r]
         out[key] = round(statistics.mean(vals), 4)
     return out
@@ -141,9 +141,11 @@ def run_toy(args, out: Path) -> dict:
             per = [_mean_std(r[key][j] for r in rs) for j in range(k)]
             entry[key] = [round(m, 4) for m, _ in per]
             entry[key + "_std"] = [round(sd, 4) for _, sd in per]
-        bins = sorted({b for r in rs for b in r["h_per_bin"] if b.startswith("h_bin")}, key=lambda b: int(b[5:]))
-        entry["h_per_bin"] = {b: round(statistics.mean(r["h_per_bin"][b] for r in rs if b in r["h_per_bin"]), 4)
-                              for b in bins}
+        for prefix, name in (("h_bin", "h_per_bin"), ("h_std_bin", "h_std_per_bin")):
+            bins = sorted({b for r in rs for b in r["h_per_bin"] if b.startswith(prefix)},
+                          key=lambda b: int(b.rsplit("bin", 1)[1]))
+            entry[name] = {b.replace(prefix, "h_bin"): round(statistics.mean(
+                r["h_per_bin"][b] for r in rs if b in r["h_per_bin"]), 4) for b in bins}
         # backwards-compatible keys of the earlier (equal-weight) table
         entry["mean_sw2"], entry["mean_mass_tv"], entry["mean_off_mode"] = (entry["sw2"], entry["mass_tv"],
                                                                               entry["off_mode_fraction"])
@@ -184,13 +186,15 @@ def toy_rows(result: dict) -> str:
     lines.append("| exact samples | " + " | ".join(f"{m:.2f}" for m in f["recall_per_mode"]) + " |")
     bins = sorted({b for s in result["summary"].values() for b in s["h_per_bin"]}, key=lambda b: int(b[5:]))
     if bins:
-        lines += ["", "Normalised weight h per time bin (mean over the last 20 % of logged steps and the seeds; "
-                  "bin 0 = least noise):", "", "| divergence | " + " | ".join(b.replace("h_bin", "bin ")
-                                                                          for b in bins) + " |",
+        lines += ["", "Normalised weight h per time bin, mean / standard deviation within the bin (over the last 20 % "
+                  "of logged steps and the seeds; bin 0 = least noise; r is normalised per bin, so the mean of "
+                  "h = r is 1 by construction):", "",
+                  "| divergence | " + " | ".join(b.replace("h_bin", "bin ") for b in bins) + " |",
                   "|---|" + "---|" * len(bins)]
         for div, s in result["summary"].items():
-            lines.append(f"| {div} | " + " | ".join(f"{s['h_per_bin'].get(b, float('nan')):.2f}" for b in bins)
-                         + " |")
+            std = s.get("h_std_per_bin", {})
+            lines.append(f"| {div} | " + " | ".join(
+                f"{s['h_per_bin'].get(b, float('nan')):.2f} / {std.get(b, float('nan')):.2f}" for b in bins) + " |")
     return "\n".join(lines) + "\n"
 
 

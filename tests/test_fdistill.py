@@ -311,6 +311,9 @@ def test_per_bin_statistics_are_the_bin_means():
     r = torch.tensor([0.5, 1.5, 1.0, 2.0, 3.0])
     bins = torch.tensor([0, 0, 2, 2, 2])
     out = per_bin_statistics(h, r, bins, 4)
-    assert set(out) == {"h_bin0", "r_bin0", "n_bin0", "h_bin2", "r_bin2", "n_bin2"}  # empty bins left out
+    assert set(out) == {f"{k}_bin{b}" for k in ("h", "h_std", "h_max", "r", "n") for b in (0, 2)}  # empty: left out
     assert float(out["h_bin0"]) == 2.0 and float(out["h_bin2"]) == pytest.approx(14 / 3)
+    assert float(out["h_std_bin0"]) == 1.0 and float(out["h_max_bin2"]) == 8.0
+    m = 14 / 3
+    assert float(out["h_std_bin2"]) == pytest.approx(math.sqrt(((2 - m) ** 2 + (4 - m) ** 2 + (8 - m) ** 2) / 3))
     assert float(out["r_bin2"]) == 2.0 and out["n_bin2"] == 3
