@@ -80,36 +80,43 @@ def mean_psnr(a, b, data_range: float = 2.0, cap: float = 100.0) -> float:
 
 
 def parse_ag_setting(spec: str, w: float):
-    """``(label, guider)`` for an AG spec ``criterion[:gamma_bar[:min_steps[:after_switch]]]`` (empty fields keep
-    the defaults), ``default`` (AdaptiveGuidance's defaults) or ``step:N[:after_switch]`` (Step AG: CFG on the
-    first N steps)."""
+    """``(label, guider)`` for an AG spec ``criterion[:gamma_bar[:min_steps[:after_switch[:refresh_every]]]]``
+    (empty fields keep the defaults), ``default`` (AdaptiveGuidance's defaults) or
+    ``step:N[:after_switch[:refresh_every]]`` (Step AG: CFG on the first N steps)."""
     from gen.guidance import CFG, AdaptiveGuidance
 
     if spec == "default":
         g = AdaptiveGuidance(inner=CFG(guidance_scale=w))
-        c = g.config
-        return (f"AG defaults ({c['criterion']}, gamma_bar={c['gamma_bar']:g}, min_steps={c['min_steps']}, "
-                f"after_switch={c['after_switch']})", g)
+        return f"AG defaults ({_describe(g)})", g
     parts = spec.split(":")
     if parts[0] == "step":
-        if len(parts) not in (2, 3) or not parts[1].isdigit():
-            raise ValueError(f"Step AG is written step:<guided steps>[:<after_switch>]; got {spec!r}")
-        after = parts[2] if len(parts) == 3 else "cond"
-        label = f"Step AG (CFG on the first {parts[1]} steps)" + ("" if after == "cond" else f", {after}")
+        if len(parts) not in (2, 3, 4) or not parts[1].isdigit():
+            raise ValueError(f"Step AG is written step:<guided steps>[:<after_switch>[:<refresh_every>]]; got "
+                             f"{spec!r}")
+        after = parts[2] if len(parts) >= 3 and parts[2] else "cond"
+        refresh = int(parts[3]) if len(parts) == 4 else 0
+        label = f"Step AG (CFG on the first {parts[1]} steps)" + ("" if after == "cond" else f", {after}") + (
+            f", refresh every {refresh}" if refresh else "")
         return label, AdaptiveGuidance(inner=CFG(guidance_scale=w), criterion="step", min_steps=int(parts[1]),
-                                       after_switch=after)
-    keys = ("criterion", "gamma_bar", "min_steps", "after_switch")
+                                       after_switch=after, refresh_every=refresh)
+    keys = ("criterion", "gamma_bar", "min_steps", "after_switch", "refresh_every")
     if len(parts) > len(keys):
         raise ValueError(f"AG spec {spec!r} has more than {len(keys)} fields")
     kw = {k: v for k, v in zip(keys, parts) if v != ""}
     if "gamma_bar" in kw:
         kw["gamma_bar"] = float(kw["gamma_bar"])
-    if "min_steps" in kw:
-        kw["min_steps"] = int(kw["min_steps"])
+    for key in ("min_steps", "refresh_every"):
+        if key in kw:
+            kw[key] = int(kw[key])
     g = AdaptiveGuidance(inner=CFG(guidance_scale=w), **kw)
+    return f"AG {_describe(g)}", g
+
+
+def _describe(g) -> str:
     c = g.config
-    return (f"AG {c['criterion']}, gamma_bar={c['gamma_bar']:g}, min_steps={c['min_steps']}, "
-            f"after_switch={c['after_switch']}", g)
+    text = (f"{c['criterion']}, gamma_bar={c['gamma_bar']:g}, min_steps={c['min_steps']}, "
+            f"after_switch={c['after_switch']}")
+    return text + (f", refresh_every={c['refresh_every']}" if c.get("refresh_every") else "")
 
 
 def run_adaptive(pipe, args, extractor) -> dict:

@@ -256,12 +256,15 @@ def test_step_ag_guides_exactly_the_first_min_steps():
     assert ag.switched_at.tolist() == [2, 2]
 
 
-def test_ag_frozen_eps_delta_equals_cfg_when_the_eps_delta_is_constant():
+@pytest.mark.parametrize("refresh", [0, 2])
+def test_ag_frozen_eps_delta_equals_cfg_when_the_eps_delta_is_constant(refresh):
     """If eps_c - eps_u is the same at every step, CFG's eps offset (w - 1)(eps_c - eps_u) is constant too, so
-    freezing it after the switch reproduces CFG exactly, from one network evaluation per step."""
+    freezing it after the switch (refreshed every 2nd step or not) reproduces CFG exactly, from one network
+    evaluation per step where the unconditional pass is skipped."""
     w, n, b = 3.0, 6, 2
     d = randn(b, 7, torch.float64)
-    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, after_switch="frozen_eps_delta")
+    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, after_switch="frozen_eps_delta",
+                          refresh_every=refresh)
     cfg, plain = CFG(w), AdaptiveGuidance(CFG(w), criterion="step", min_steps=2)
     for g in (ag, cfg, plain):
         g.begin(b, n)
@@ -274,7 +277,7 @@ def test_ag_frozen_eps_delta_equals_cfg_when_the_eps_delta_is_constant():
         sigma = torch.full((b,), s / a, dtype=torch.float64)
         out, mask = step(ag, k, n, cond, uncond, sigma=sigma)
         torch.testing.assert_close(out, step(cfg, k, n, cond, uncond, sigma=sigma)[0], rtol=1e-10, atol=1e-10)
-        assert mask.tolist() == [k < 2] * b
+        assert mask.tolist() == [k < 2 or (refresh > 0 and (k - 1) % refresh == 0)] * b  # last guided step: 1
         if k >= 2:  # the paper's rule drops the offset instead
             assert torch.equal(step(plain, k, n, cond, uncond, sigma=sigma)[0], cond.x0)
         else:
@@ -432,6 +435,7 @@ def test_registry_builds_each_guider():
         (lambda: AdaptiveGuidance(CFG(), gamma_bar=1.01), "gamma_bar"),
         (lambda: AdaptiveGuidance(CFG(), criterion="l2"), "criterion"),
         (lambda: AdaptiveGuidance(CFG(), after_switch="zero"), "after_switch"),
+        (lambda: AdaptiveGuidance(CFG(), refresh_every=-1), "refresh_every"),
         (lambda: GuidanceInterval(CFG(), sigma_lo=5.0, sigma_hi=1.0), "sigma_lo"),
         (lambda: GuidanceInterval(CFG(), sigma_lo=-1.0, sigma_hi=1.0), "sigma_lo"),
         (lambda: build_guider("cfgg"), "guider name"),

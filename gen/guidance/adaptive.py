@@ -39,8 +39,12 @@ class AdaptiveGuidance(GuiderWrapper):
                              to the conditional prediction: ``eps = eps_c + d_eps`` with
                              ``d_eps = eps_guided - eps_c`` at that step, i.e. ``x0 = x0_c - (sigma / alpha) d_eps``
                              (the "CFG gating" of FastVideo PR #1372 / sglang PR #25848, a zeroth-order LinearAG:
-                             late in sampling the eps-space guidance direction changes slowly). Still one network
-                             evaluation per step.
+                             on the digits teacher the eps-space offsets of consecutive steps have cosine ~0.97 and
+                             norm ratio ~1.05 over the second half of a 20-step run). Still one network evaluation
+                             per step.
+    ``refresh_every = k > 0``: a switched-off sample gets its unconditional pass back every k-th step after its
+    last guided step, which refreshes the frozen offset (the CFG-Cache of FasterCache, Lv et al. 2024, arXiv
+    2410.19355: the conditional/unconditional residual reused across steps). ``0``: the switch is permanent.
 
     The step that triggers the switch is still guided (its uncond pass has been paid for); from the next step
     index on the sample's unconditional pass is skipped (``uncond_mask`` False). A repeated index, as
@@ -48,8 +52,9 @@ class AdaptiveGuidance(GuiderWrapper):
     and only rows the pipeline actually evaluated are tested. Since gamma <= 1, ``gamma_bar = 1`` never switches
     and reproduces the inner guider bit for bit.
 
-    A run in which every sample is switched off at step index 0 is reported: a ``UserWarning`` and
-    ``disabled_at_first_step = True`` (guidance then acted on one step only; raise ``gamma_bar`` or ``min_steps``).
+    A run in which every sample is switched off at step index 0 for good (``refresh_every = 0``) is reported: a
+    ``UserWarning`` and ``disabled_at_first_step = True`` (guidance then acted on one step only; raise
+    ``gamma_bar`` or ``min_steps``).
 
     Inner state: the inner guider runs on the full batch every step with switched-off rows fed ``uncond :=
     cond`` (d = 0), so per-sample state such as APG momentum stays aligned with the batch.
@@ -66,6 +71,8 @@ class AdaptiveGuidance(GuiderWrapper):
         min_steps: no sample switches before this step index; for ``criterion="step"``, the number of guided steps.
         criterion: ``"x0_cosine"`` (default), ``"eps_cosine"`` or ``"step"``.
         after_switch: ``"cond"`` (default) or ``"frozen_eps_delta"``.
+        refresh_every: ``0`` (default: permanent switch) or k >= 1 (an unconditional pass every k-th step after
+            the switch; 1 is plain guidance).
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class AdaptiveGuidance(GuiderWrapper):
         min_steps: int = 0,
         criterion: str = "x0_cosine",
         after_switch: str = "cond",
+        refresh_every: int = 0,
     ):
         if (
             isinstance(gamma_bar, bool)
@@ -91,11 +99,13 @@ class AdaptiveGuidance(GuiderWrapper):
             raise ValueError(f"criterion={criterion!r} is unknown; allowed: {', '.join(CRITERIA)}")
         if after_switch not in AFTER_SWITCH:
             raise ValueError(f"after_switch={after_switch!r} is unknown; allowed: {', '.join(AFTER_SWITCH)}")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
+            raise ValueError(f"refresh_every must be an integer >= 0 (0: never); got {refresh_every!r}")
         self.gamma_bar = float(gamma_bar)
         self.min_steps = min_steps
-        self.criterion, self.after_switch = criterion, after_switch
+        self.criterion, self.after_switch, self.refresh_every = criterion, after_switch, refresh_every
         self._init_inner(inner, inner_class, inner_config, gamma_bar=self.gamma_bar, min_steps=min_steps,
-                         criterion=criterion, after_switch=after_switch)
+                         criterion=criterion, after_switch=after_switch, refresh_every=refresh_every)
         self.switched_at = None
         self.last_gamma = None
         self.disabled_at_first_step = False
@@ -109,9 +119,16 @@ class AdaptiveGuidance(GuiderWrapper):
         self._delta_eps = None
 
     def _gate(self, info: StepInfo) -> torch.Tensor:
+        k = info.step_index
         if self.criterion == "step":
-            return torch.full((self._batch_size(),), info.step_index < self.min_steps, dtype=torch.bool)
-        return (self.switched_at < 0) | (self.switched_at >= info.step_index)
+            last = torch.full((self._batch_size(),), self.min_steps - 1, dtype=torch.long)  # last guided index
+            gate = torch.full((self._batch_size(),), k < self.min_steps, dtype=torch.bool)
+        else:
+            last = self.switched_at
+            gate = (last < 0) | (last >= k)
+        if self.refresh_every:  # switched-off rows get their unconditional pass back every refresh_every steps
+            gate |= ~gate & ((k - last) % self.refresh_every == 0)
+        return gate
 
     def _statistic(self, cond: Prediction, uncond: Prediction) -> torch.Tensor:
         a, b = (cond.x0, uncond.x0) if self.criterion == "x0_cosine" else (cond.eps, uncond.eps)
@@ -134,7 +151,8 @@ class AdaptiveGuidance(GuiderWrapper):
                 newly = measured & (gamma > self.gamma_bar) & (self.switched_at < 0)
                 newly &= info.step_index >= self.min_steps
                 self.switched_at[newly] = info.step_index
-        if info.step_index == 0 and bool((self.switched_at == 0).all()) and not self.disabled_at_first_step:
+        if (info.step_index == 0 and not self.refresh_every and bool((self.switched_at == 0).all())
+                and not self.disabled_at_first_step):
             self.disabled_at_first_step = True
             what = "the first unguided step is 0" if self.criterion == "step" else (
                 f"{self.criterion} > gamma_bar={self.gamma_bar:g} for every sample")
