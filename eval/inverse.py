@@ -199,6 +199,8 @@ def run(args, settings) -> dict:
                                      "truth": x[:args.num_examples]}
         for method in args.method:
             params = method_params(settings, method, task, sigma_y)
+            if method == "reddiff" and args.reddiff_params:
+                params.update(_parse_overrides(args.reddiff_params))
             images, wall, nfe = restore(pipe, op, y, method, args.steps, params, args.seed, args.batch_size)
             examples[(task, sigma_y)][method] = images[:args.num_examples]
             row = {"task": task, "sigma_y": sigma_y, "method": method, "steps": args.steps if nfe else 0,
@@ -232,6 +234,19 @@ def timing(args, settings, task: str = "inpaint_box", sigma_y: float = 0.05) -> 
     return {"task": task, "sigma_y": sigma_y, "num_images": args.num_images, "steps": args.steps,
             "batch_size": args.batch_size, "repeats": args.timing_repeats, "runs_s": times,
             "reddiff_median_s": red, "dps_median_s": dps_t, "ratio": round(red / dps_t, 4)}
+
+
+def _parse_overrides(items) -> dict:
+    """``["lr=0.05", "t_max=250", "weighting=const"]`` -> ``{"lr": 0.05, "t_max": 250, "weighting": "const"}``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reddiff_params takes key=value items; got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def _show_measurement(op, y, x_shape):
@@ -497,6 +512,8 @@ def parse_args(argv=None):
                    help="--tune: write the best settings into --config (a tracked file: explicit only)")
     p.add_argument("--timing_repeats", type=int, default=0,
                    help="instead of the benchmark: interleaved RED-Diff / DPS timing runs on inpaint_box (0 = off)")
+    p.add_argument("--reddiff_params", nargs="*", default=None,
+                   help="override the tuned RED-Diff settings, e.g. lr=0.05 t_max=500 (a steps study)")
     p.add_argument("--no_fid", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--config", default=str(ROOT / "configs" / "inverse_digits.yaml"))
