@@ -150,6 +150,8 @@ def test_apg_matches_diffusers_adaptive_projected_guidance_on_x0(eta, dims):
 
 
 # --- Adaptive Guidance --------------------------------------------------------------------------------------
+PAPER = {"after_switch": "cond", "refresh_every": 0}  # the paper's rule after the switch (defaults differ)
+
 def close_pair(b, seed, noise):
     """cond/uncond whose eps differ by `noise` relative size per sample (cosine ~ 1 - noise^2 / 2)."""
     c, u = pair(b, seed)
@@ -176,7 +178,7 @@ def test_ag_with_gamma_bar_one_is_bit_identical_to_inner(make_inner):
 
 def test_ag_switches_a_sample_off_for_the_rest_of_the_run():
     w, n = 3.0, 4
-    ag = AdaptiveGuidance(CFG(w), gamma_bar=0.99, criterion="eps_cosine")
+    ag = AdaptiveGuidance(CFG(w), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
     ag.begin(3, n)
     for k in range(n):
         # sample 0 converges (cos ~ 1) from step 1 on; samples 1, 2 keep independent eps (cos ~ 0)
@@ -210,6 +212,14 @@ def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
 
 
+def test_ag_defaults_and_the_paper_rule():
+    ag = AdaptiveGuidance(CFG(3.0))
+    assert (ag.criterion, ag.gamma_bar, ag.min_steps, ag.after_switch, ag.refresh_every) == (
+        "x0_cosine", 0.999, 0, "frozen_eps_delta", 4)
+    paper = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
+    assert Guider.from_config(paper.config).config == paper.config
+
+
 def test_ag_criterion_reads_its_own_space():
     """close_pair: eps nearly equal (cos ~ 1), x0 independent (cos ~ 0). Each criterion records its own cosine."""
     cond, uncond = close_pair(2, 30, 1e-3)
@@ -225,7 +235,7 @@ def test_ag_criterion_reads_its_own_space():
 
 
 def test_ag_warns_when_every_sample_switches_off_at_step_0():
-    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion="eps_cosine")
+    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
     ag.begin(2, 3)
     cond, uncond = close_pair(2, 10, 1e-3)
     with pytest.warns(UserWarning, match="every sample at step 0"):
@@ -237,7 +247,7 @@ def test_ag_warns_when_every_sample_switches_off_at_step_0():
         warnings.simplefilter("error")
         step(ag, 0, 3, cond, uncond)
     assert not ag.disabled_at_first_step and ag.switched_at.tolist() == [0, -1]
-    step_ag = AdaptiveGuidance(CFG(3.0), criterion="step", min_steps=0)  # Step AG that never guides
+    step_ag = AdaptiveGuidance(CFG(3.0), criterion="step", min_steps=0, **PAPER)  # Step AG that never guides
     step_ag.begin(2, 3)
     with pytest.warns(UserWarning, match="every sample at step 0"):
         step(step_ag, 0, 3, cond, uncond)
@@ -245,7 +255,7 @@ def test_ag_warns_when_every_sample_switches_off_at_step_0():
 
 def test_step_ag_guides_exactly_the_first_min_steps():
     w, n = 3.0, 5
-    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2)
+    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, **PAPER)
     ag.begin(2, n)
     for k in range(n):
         cond, uncond = pair(2, 60 + 2 * k)
@@ -265,7 +275,7 @@ def test_ag_frozen_eps_delta_equals_cfg_when_the_eps_delta_is_constant(refresh):
     d = randn(b, 7, torch.float64)
     ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, after_switch="frozen_eps_delta",
                           refresh_every=refresh)
-    cfg, plain = CFG(w), AdaptiveGuidance(CFG(w), criterion="step", min_steps=2)
+    cfg, plain = CFG(w), AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, **PAPER)
     for g in (ag, cfg, plain):
         g.begin(b, n)
     for k in range(n):

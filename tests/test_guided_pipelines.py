@@ -65,7 +65,8 @@ def test_ag_above_one_is_bit_identical_and_low_gamma_skips_rows():
                 generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(cfg.images, same.images) and same.nfe == 2 * STEPS
     counter = _RowCounter(pipe.unet)
-    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), criterion="step", min_steps=1)   # guided at step 0 only
+    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), criterion="step", min_steps=1, after_switch="cond",
+                          refresh_every=0)   # guided at step 0 only
     out = pipe(guider=ag, generator=torch.Generator().manual_seed(0), **kw)
     counter.handle.remove()
     assert counter.rows == 4 * (STEPS + 1)   # one unconditional pass per sample, at step 0 only
