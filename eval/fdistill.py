@@ -1,7 +1,11 @@
 """Benchmark f-distill: mode coverage on a 2-D mixture, and the one-step digits student against its teacher.
 
     python eval/fdistill.py --toy --divergences rkl,fkl,js --out OUT/fdistill_toy.json
-    python eval/fdistill.py --digits --student checkpoints/digits-fdistill-js --out eval/results/fdistill/digits.json
+    python eval/fdistill.py --digits --student checkpoints/digits-fdistill-js --out outputs/fdistill/digits.json
+    python eval/fdistill.py --students a=runs/x/checkpoints/checkpoint-600,b=checkpoints/digits-fdistill-js \
+        --out outputs/fdistill/ablation.json
+    python eval/fdistill.py --curve runs/digits-fdistill --teacher_ref outputs/fdistill/digits.json \
+        --out outputs/fdistill/curve.json
 
 ``--toy``: for every divergence and seed, ``train/fdistill.py --config configs/fdistill_toy2d.yaml`` distils the
 exact score of a Gaussian mixture into a one-step MLP generator (same teacher, budget and initialisation across
@@ -10,8 +14,17 @@ a quarter of its weight within 3 std of its centre), mass per mode, off-mode mas
 against exact mixture samples. Writes the JSON, a scatter plot and markdown rows next to ``--out``.
 
 ``--digits``: FID-digits (against digits16-test) and class accuracy of N one-step samples and of the teacher
-with DDIM at ``--teacher_steps``, balanced labels, the same seed; samples per second of each (median of
-``--timing_repeats`` timed runs on ``--threads`` torch threads, after a warm-up).
+with DDIM at ``--teacher_steps`` (``leading`` spacing as shipped, plus ``trailing`` at ``--trailing_steps``: one
+trailing DDIM step evaluates t = 999, one leading step t = 0), balanced labels, for every seed of
+``--eval_seeds`` (mean and spread reported); samples per second of each (median of ``--timing_repeats`` timed runs
+on ``--threads`` torch threads, after a warm-up).
+
+``--students NAME=PATH,...``: the same FID-digits / class accuracy over ``--eval_seeds`` for several students (a
+``OneStepPipeline`` folder, or a training checkpoint ``RUN/checkpoints/checkpoint-N`` whose EMA weights are read),
+for ablation tables. ``--curve RUN``: every kept checkpoint of a training run, FID-digits against iteration, with
+a plot (the teacher's 50-step FID drawn from ``--teacher_ref``, a ``--digits`` JSON, when given).
+
+Nothing is written into tracked folders unless ``--out`` points there.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import torch  # noqa: E402
 
 logger = logging.getLogger("eval.fdistill")
 ALIASES = {"fkl": "kl", "forward_kl": "kl", "reverse_kl": "rkl"}
+DISTANCE_SAMPLES = 5000
 
 
 def _machine() -> str:
@@ -50,78 +64,141 @@ def toy_student_samples(run_dir: Path, n: int, seed: int) -> torch.Tensor:
         return gen(z, torch.full((n,), float(info["generator_timestep"])))
 
 
+def _mean_std(values) -> tuple[float, float]:
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def h_per_bin(run: Path, last_fraction: float = 0.2) -> dict:
+    """Mean of the logged per-time-bin statistics (``h_bin{k}``, ``r_bin{k}``) over the last ``last_fraction`` of
+    a run's logged steps (``logs.jsonl``); bins never logged are left out."""
+    logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines() if line.strip()]
+    logs = [r for r in logs if any(k.startswith("h_bin") for k in r)]
+    if not logs:
+        return {}
+    tail = logs[int(len(logs) * (1 - last_fraction)):] or logs[-1:]
+    out = {}
+    keys = {k for r in tail for k in r if k.startswith(("h_bin", "h_std_bin", "r_bin"))}
+    for key in sorted(keys, key=lambda k: (k.rsplit("bin", 1)[0], int(k.rsplit("bin", 1)[1]))):
+        vals = [r[key] for r in tail if key in r]
+        out[key] = round(statistics.mean(vals), 4)
+    return out
+
+
 def run_toy(args, out: Path) -> dict:
     from gen.distill import get_divergence
     from gen.distill.toy import mode_statistics
+    from gen.distill.training import FDistillTrainConfig, toy_teacher
     from gen.metrics.samples import mmd_rbf, sliced_wasserstein
-    from gen.training import config_to_dict, parse_config
+    from gen.training import config_to_dict, parse_config, train
 
-    trainer = _load_train_script()
-    base = parse_config(trainer.FDistillTrainConfig, ["--config", args.toy_config])
-    teacher, _ = trainer._toy_teacher(base)
-    centres, std = teacher.centres.float(), teacher.std
+    base = parse_config(FDistillTrainConfig, ["--config", args.toy_config])
+    teacher, _ = toy_teacher(base)
+    centres, std, weights = teacher.centres.float(), teacher.std, teacher.log_weights.exp()
     ref = teacher.sample(args.num_samples, torch.Generator().manual_seed(10_000))
     ref2 = teacher.sample(args.num_samples, torch.Generator().manual_seed(10_001))
-    floor = {"sw2": round(sliced_wasserstein(ref2, ref), 4), "mmd2": round(mmd_rbf(ref2, ref), 5),
-             **mode_statistics(ref2, centres, std)}
+    nd = min(args.num_samples, DISTANCE_SAMPLES)  # SW2 / MMD on the first nd points (MMD is quadratic in n)
+    floor = {"sw2": round(sliced_wasserstein(ref2[:nd], ref[:nd]), 4), "mmd2": round(mmd_rbf(ref2[:nd], ref[:nd]), 5),
+             **mode_statistics(ref2, centres, std, weights)}
     rows, samples = [], {}
     runs_dir = out.parent / (out.stem + "_runs")
     for name in args.divergences:
-        div = ALIASES.get(name, name)
-        get_divergence(div)
+        div = get_divergence(ALIASES.get(name, name)).name
         for seed in args.seeds:
-            run = runs_dir / f"{div}-seed{seed}"
+            run = runs_dir / f"{div.replace(':', '')}-seed{seed}"
             argv = ["--config", args.toy_config, "--divergence", div, "--seed", str(seed), "--output_dir", str(run)]
             if args.max_train_steps:
                 argv += ["--max_train_steps", str(args.max_train_steps)]
             if not (run / "generator" / "one_step.json").is_file() or args.retrain:
+                if args.retrain and (run / "logs.jsonl").is_file():
+                    (run / "logs.jsonl").unlink()
                 t0 = time.time()
-                trainer.main(argv)
+                train("fdistill", argv)
                 wall = time.time() - t0
             else:
                 wall = None
                 logger.info("reusing %s", run)
             x = toy_student_samples(run, args.num_samples, seed + 100)
-            stats = mode_statistics(x, centres, std)
-            row = {"divergence": div, "seed": seed, "sw2": round(sliced_wasserstein(x, ref), 4),
-                   "mmd2": round(mmd_rbf(x, ref), 5), "train_wall_s": None if wall is None else round(wall, 1),
-                   **stats}
+            stats = mode_statistics(x, centres, std, weights)
+            row = {"divergence": div, "seed": seed, "sw2": round(sliced_wasserstein(x[:nd], ref[:nd]), 4),
+                   "mmd2": round(mmd_rbf(x[:nd], ref[:nd]), 5),
+                   "train_wall_s": None if wall is None else round(wall, 1), **stats, "h_per_bin": h_per_bin(run)}
             rows.append(row)
             samples.setdefault(div, x)
-            logger.info("%s seed %d: %d/%d modes, off-mode %.3f, SW2 %.4f", div, seed, row["modes_recovered"],
-                        row["num_modes"], row["off_mode_fraction"], row["sw2"])
+            logger.info("%s seed %d: %d/%d modes, min recall %.3f, precision %.3f, weight TV %.3f, SW2 %.4f", div,
+                        seed, row["modes_recovered"], row["num_modes"], row["min_recall"], row["precision"],
+                        row["weight_tv"], row["sw2"])
     summary = {}
+    k = centres.shape[0]
     for div in dict.fromkeys(r["divergence"] for r in rows):
         rs = [r for r in rows if r["divergence"] == div]
-        summary[div] = {"modes_recovered": [r["modes_recovered"] for r in rs],
-                        "mean_modes": round(statistics.mean(r["modes_recovered"] for r in rs), 2),
-                        "mean_sw2": round(statistics.mean(r["sw2"] for r in rs), 4),
-                        "mean_mass_tv": round(statistics.mean(r["mass_tv"] for r in rs), 4),
-                        "mean_off_mode": round(statistics.mean(r["off_mode_fraction"] for r in rs), 4)}
+        entry = {"modes_recovered": [r["modes_recovered"] for r in rs],
+                 "mean_modes": round(statistics.mean(r["modes_recovered"] for r in rs), 2)}
+        for key in ("min_recall", "precision", "weight_tv", "sw2", "mass_tv", "off_mode_fraction"):
+            m, sd = _mean_std(r[key] for r in rs)
+            entry[key], entry[key + "_std"] = round(m, 4), round(sd, 4)
+        for key in ("recall_per_mode", "weight_error_per_mode"):
+            per = [_mean_std(r[key][j] for r in rs) for j in range(k)]
+            entry[key] = [round(m, 4) for m, _ in per]
+            entry[key + "_std"] = [round(sd, 4) for _, sd in per]
+        for prefix, name in (("h_bin", "h_per_bin"), ("h_std_bin", "h_std_per_bin")):
+            bins = sorted({b for r in rs for b in r["h_per_bin"] if b.startswith(prefix)},
+                          key=lambda b: int(b.rsplit("bin", 1)[1]))
+            entry[name] = {b.replace(prefix, "h_bin"): round(statistics.mean(
+                r["h_per_bin"][b] for r in rs if b in r["h_per_bin"]), 4) for b in bins}
+        # backwards-compatible keys of the earlier (equal-weight) table
+        entry["mean_sw2"], entry["mean_mass_tv"], entry["mean_off_mode"] = (entry["sw2"], entry["mass_tv"],
+                                                                              entry["off_mode_fraction"])
+        summary[div] = entry
     cfg = config_to_dict(base)
-    result = {"config": args.toy_config, "teacher": base.teacher, "toy_std": std, "num_samples": args.num_samples,
+    result = {"config": _rel(args.toy_config), "teacher": base.teacher, "toy_std": std,
+              "weights": [round(float(w), 4) for w in weights], "num_samples": args.num_samples,
               "max_train_steps": args.max_train_steps or base.max_train_steps, "seeds": args.seeds, "rows": rows,
               "summary": summary, "floor_exact_samples": floor, "machine": _machine(),
-              "date": time.strftime("%Y-%m-%d"), "trainer_config": cfg}
-    result["plot"] = _toy_plot(samples, ref, centres, out.with_suffix(".png"))
+              "date": time.strftime("%Y-%m-%d"), "trainer_config": cfg,
+              "command": "python eval/fdistill.py " + " ".join(args.argv)}
+    result["plot"] = _toy_plot(samples, ref, centres, weights, out.with_suffix(".png"))
+    result["recall_plot"] = _recall_plot(result, out.with_name(out.stem + "_recall.png"))
     result["markdown"] = toy_rows(result)
     return result
 
 
 def toy_rows(result: dict) -> str:
-    lines = ["| divergence | modes recovered per seed | mean modes | off-mode mass | mass TV | SW2 |",
+    """Markdown: the summary per divergence (mean ± std over seeds), per-mode recall, and h per time bin."""
+    k = result["rows"][0]["num_modes"]
+    lines = ["| divergence | modes recovered per seed | min recall | precision (on-mode mass) | weight TV | SW2 |",
              "|---|---|---|---|---|---|"]
     for div, s in result["summary"].items():
-        lines.append(f"| {div} | {', '.join(str(m) for m in s['modes_recovered'])} | {s['mean_modes']} of "
-                     f"{result['rows'][0]['num_modes']} | {s['mean_off_mode']:.3f} | {s['mean_mass_tv']:.3f} | "
-                     f"{s['mean_sw2']:.4f} |")
+        lines.append(f"| {div} | {', '.join(str(m) for m in s['modes_recovered'])} of {k} | "
+                     f"{s['min_recall']:.3f} ± {s['min_recall_std']:.3f} | {s['precision']:.3f} ± "
+                     f"{s['precision_std']:.3f} | {s['weight_tv']:.3f} ± {s['weight_tv_std']:.3f} | "
+                     f"{s['sw2']:.4f} ± {s['sw2_std']:.4f} |")
     f = result["floor_exact_samples"]
-    lines.append(f"| exact samples (floor) | {f['modes_recovered']} | | {f['off_mode_fraction']:.3f} | "
-                 f"{f['mass_tv']:.3f} | {f['sw2']:.4f} |")
+    lines.append(f"| exact samples (floor) | {f['modes_recovered']} of {k} | {f['min_recall']:.3f} | "
+                 f"{f['precision']:.3f} | {f['weight_tv']:.3f} | {f['sw2']:.4f} |")
+    w = result["weights"]
+    lines += ["", "Recall per mode (mass within 3 std / true weight; mean ± std over seeds):", "",
+              "| divergence | " + " | ".join(f"w={x:g}" for x in w) + " |", "|---|" + "---|" * len(w)]
+    for div, s in result["summary"].items():
+        lines.append(f"| {div} | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in zip(s["recall_per_mode"],
+                                                                                        s["recall_per_mode_std"]))
+                     + " |")
+    lines.append("| exact samples | " + " | ".join(f"{m:.2f}" for m in f["recall_per_mode"]) + " |")
+    bins = sorted({b for s in result["summary"].values() for b in s["h_per_bin"]}, key=lambda b: int(b[5:]))
+    if bins:
+        lines += ["", "Normalised weight h per time bin, mean / standard deviation within the bin (over the last 20 % "
+                  "of logged steps and the seeds; bin 0 = least noise; r is normalised per bin, so the mean of "
+                  "h = r is 1 by construction):", "",
+                  "| divergence | " + " | ".join(b.replace("h_bin", "bin ") for b in bins) + " |",
+                  "|---|" + "---|" * len(bins)]
+        for div, s in result["summary"].items():
+            std = s.get("h_std_per_bin", {})
+            lines.append(f"| {div} | " + " | ".join(
+                f"{s['h_per_bin'].get(b, float('nan')):.2f} / {std.get(b, float('nan')):.2f}" for b in bins) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _toy_plot(samples: dict, ref, centres, path: Path) -> str | None:
+def _toy_plot(samples: dict, ref, centres, weights, path: Path) -> str | None:
     try:
         import matplotlib
 
@@ -130,17 +207,22 @@ def _toy_plot(samples: dict, ref, centres, path: Path) -> str | None:
     except ImportError:
         return None
     panels = [("exact mixture", ref)] + [(f"one-step student, {d}", x) for d, x in samples.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
     lim = float(centres.abs().max()) * 1.5 + 0.5
     for ax, (title, x) in zip(axes[0], panels):
         ax.scatter(x[:2000, 0], x[:2000, 1], s=1.5, alpha=0.5)
         ax.scatter(centres[:, 0], centres[:, 1], s=12, c="red", marker="x")
+        for c, w in zip(centres, weights):
+            ax.annotate(f"{float(w):g}", (float(c[0]), float(c[1])), fontsize=6, color="red",
+                        xytext=(4, 4), textcoords="offset points")
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle("2-D mixture: 2,000 samples of each one-step student (seed 0; red: centres with their weights)",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -148,17 +230,37 @@ def _toy_plot(samples: dict, ref, centres, path: Path) -> str | None:
     return str(path)
 
 
-def _load_train_script():
-    import importlib.util
+def _recall_plot(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
 
-    name = "script_train_fdistill"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / "fdistill.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    w = result["weights"]
+    order = sorted(range(len(w)), key=lambda j: w[j])
+    divs = list(result["summary"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(w) + 2, 3.8))
+    width = 0.8 / len(divs)
+    for i, div in enumerate(divs):
+        s = result["summary"][div]
+        ax.bar([j + (i - (len(divs) - 1) / 2) * width for j in range(len(w))], [s["recall_per_mode"][o] for o in order],
+               width, yerr=[s["recall_per_mode_std"][o] for o in order], capsize=2, label=div)
+    floor = result["floor_exact_samples"]["recall_per_mode"]
+    ax.plot(range(len(w)), [floor[o] for o in order], "k_", ms=14, label="exact samples")
+    ax.set_xticks(range(len(w)), [f"{w[o]:g}" for o in order])
+    ax.set_xlabel("mode (true weight)")
+    ax.set_ylabel("recall: found mass / true weight")
+    ax.set_title(f"Per-mode recall at equal budget ({result['max_train_steps']} iterations, "
+                 f"mean ± std over {len(result['seeds'])} seeds)", fontsize=9)
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,58 +277,215 @@ def _timed_samples_per_s(pipe, n: int, steps: int, repeats: int, **kw) -> float:
     return n / statistics.median(times)
 
 
-def run_digits(args) -> dict:
+def _resolve(path) -> Path:
+    path = Path(path)
+    return path if path.exists() or not (ROOT / path).exists() else ROOT / path
+
+
+def load_student(path, teacher=None):
+    """A ``OneStepPipeline`` from a pipeline folder, or from a training checkpoint ``RUN/checkpoints/checkpoint-N``
+    of ``train/fdistill.py`` (the EMA weights when the run kept an EMA, else the raw student; the generator
+    settings come from ``RUN/config.yaml``)."""
+    import yaml
+    from diffusers import DDIMScheduler
+    from safetensors.torch import load_file
+
+    from pipelines import ClassConditionalPipeline, OneStepPipeline
+
+    path = _resolve(path)
+    if (path / "model_index.json").is_file():
+        return OneStepPipeline.from_pretrained(path)
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{str(path)!r} is neither a OneStepPipeline folder nor a complete training checkpoint")
+    cfg = yaml.safe_load((path.parent.parent / "config.yaml").read_text())
+    teacher = teacher or ClassConditionalPipeline.from_pretrained(_resolve(cfg["teacher"]))
+    import copy
+
+    unet = copy.deepcopy(teacher.unet)
+    if (path / "ema.safetensors").is_file():
+        state = {k[len("shadow."):]: v for k, v in load_file(str(path / "ema.safetensors")).items()
+                 if k.startswith("shadow.")}
+    else:
+        state = load_file(str(path / "student.safetensors"))
+    unet.load_state_dict(state)
+    return OneStepPipeline(unet=unet.eval(), scheduler=DDIMScheduler.from_config(teacher.scheduler.config),
+                           generator_timestep=int(cfg["generator_timestep"]),
+                           generator_prediction=cfg.get("generator_prediction", "scheduler"))
+
+
+def fid_over_seeds(pipe, steps: int, num_samples: int, seeds, batch_size: int, extractor) -> dict:
+    """FID-digits (vs digits16-test) and class accuracy of ``num_samples`` balanced samples for every seed; the
+    mean and the sample standard deviation over seeds."""
     from gen.metrics.evaluate import compute_fid_for_images, sample_pipeline_uint8
+
+    per_seed, nfe, wall = [], None, 0.0
+    for seed in seeds:
+        t0 = time.time()
+        images, labels, nfe = sample_pipeline_uint8(pipe, num_samples, steps, 1.0, batch_size=batch_size,
+                                                    seed=seed, progress=False)
+        wall += time.time() - t0
+        res = compute_fid_for_images(images, labels, extractor=extractor, ref="test", progress=False)
+        per_seed.append({"seed": seed, "fid": round(res["fid"], 3), "class_accuracy": round(res["class_accuracy"], 4)})
+    fids = [r["fid"] for r in per_seed]
+    accs = [r["class_accuracy"] for r in per_seed]
+    return {"steps": steps, "nfe": nfe, "n": num_samples, "per_seed": per_seed,
+            "fid": round(statistics.mean(fids), 3),
+            "fid_std": round(statistics.stdev(fids), 3) if len(fids) > 1 else 0.0,
+            "class_accuracy": round(statistics.mean(accs), 4),
+            "class_accuracy_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
+            "sample_wall_s": round(wall, 1)}
+
+
+def _ddim(teacher, spacing: str):
+    """The teacher pipeline with a DDIM scheduler of the given timestep spacing (a copy; the weights are shared)."""
+    from diffusers import DDIMScheduler
+
+    from pipelines import ClassConditionalPipeline
+
+    pipe = ClassConditionalPipeline(unet=teacher.unet, scheduler=DDIMScheduler.from_config(
+        teacher.scheduler.config, timestep_spacing=spacing))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_digits(args) -> dict:
     from gen.metrics.features import build_feature_extractor
     from pipelines import ClassConditionalPipeline, OneStepPipeline
 
     extractor = build_feature_extractor("digits")
-    student = OneStepPipeline.from_pretrained(args.student)
     teacher = ClassConditionalPipeline.from_pretrained(args.teacher)
+    student = load_student(args.student, teacher)
     for p in (student, teacher):
         p.set_progress_bar_config(disable=True)
     rows = []
 
-    def measure(name, pipe, steps):
-        t0 = time.time()
-        images, labels, nfe = sample_pipeline_uint8(pipe, args.num_samples, steps, 1.0, batch_size=args.batch_size,
-                                                    seed=args.seed, progress=False)
-        wall = time.time() - t0
-        res = compute_fid_for_images(images, labels, extractor=extractor, ref="test", progress=False)
-        sps = _timed_samples_per_s(pipe, args.timing_batch, steps, args.timing_repeats)
-        row = {"model": name, "steps": steps, "nfe": nfe, "fid": round(res["fid"], 3),
-               "class_accuracy": round(res["class_accuracy"], 4), "n": res["n"], "samples_per_s": round(sps, 2),
-               "sample_wall_s": round(wall, 1)}
+    def measure(name, pipe, steps, spacing=None):
+        row = {"model": name, "spacing": spacing, **fid_over_seeds(pipe, steps, args.num_samples, args.eval_seeds,
+                                                                   args.batch_size, extractor)}
+        row["samples_per_s"] = round(_timed_samples_per_s(pipe, args.timing_batch, steps, args.timing_repeats), 2) \
+            if args.timing_repeats > 0 else None
         rows.append(row)
-        logger.info("%s %d step(s): FID-digits %.2f, accuracy %.1f%%, %.1f samples/s", name, steps, row["fid"],
-                    100 * row["class_accuracy"], sps)
+        logger.info("%s %d step(s)%s: FID-digits %.2f +- %.2f, accuracy %.1f%%, %s samples/s", name, steps,
+                    f" ({spacing})" if spacing else "", row["fid"], row["fid_std"], 100 * row["class_accuracy"],
+                    row["samples_per_s"])
 
     measure("student", student, 1)
-    # the student's starting point: the teacher's own one-step x0 estimate from noise at the generator timestep
+    # the teacher's own one-step x0 estimate from noise at the student's generator timestep (the eps read-out)
     init = OneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler,
-                           generator_timestep=student.config.generator_timestep)
+                           generator_timestep=min(student.config.generator_timestep, 950))
     init.set_progress_bar_config(disable=True)
     measure("teacher_x0", init, 1)
+    leading = _ddim(teacher, "leading")
     for steps in args.teacher_steps:
-        measure("teacher", teacher, steps)
+        measure("teacher", leading, steps, "leading")
+    trailing = _ddim(teacher, "trailing")
+    for steps in args.trailing_steps:
+        measure("teacher", trailing, steps, "trailing")
     s = rows[0]
-    t50 = next((r for r in rows if r["model"] == "teacher" and r["steps"] == max(args.teacher_steps)), None)
-    t1 = next((r for r in rows if r["model"] == "teacher" and r["steps"] == 1), None)
-    targets = {}
-    if t50:
-        targets["fid_ratio_vs_teacher_max_steps"] = round(s["fid"] / t50["fid"], 3)
-        targets["speedup_vs_teacher_max_steps"] = round(s["samples_per_s"] / t50["samples_per_s"], 1)
-    if t1:
-        targets["fid_ratio_vs_teacher_1_step"] = round(s["fid"] / t1["fid"], 3)
+    top = max(args.teacher_steps)
+    t50 = next(r for r in rows if r["model"] == "teacher" and r["steps"] == top and r["spacing"] == "leading")
+    per_seed_diff = [a["fid"] - b["fid"] for a, b in zip(s["per_seed"], t50["per_seed"])]
+    targets = {
+        "teacher_steps": top,
+        "fid_student_minus_teacher_per_seed": [round(d, 3) for d in per_seed_diff],
+        "fid_student_minus_teacher_mean": round(statistics.mean(per_seed_diff), 3),
+        "fid_at_or_below_teacher": s["fid"] <= t50["fid"],
+        "accuracy_at_or_above_teacher": s["class_accuracy"] >= t50["class_accuracy"],
+    }
+    if s["samples_per_s"] and t50["samples_per_s"]:
+        targets["speedup_vs_teacher"] = round(s["samples_per_s"] / t50["samples_per_s"], 1)
     result = {"student": _rel(args.student), "teacher": _rel(args.teacher), "num_samples": args.num_samples,
-              "seed": args.seed, "rows": rows, "targets": targets, "machine": _machine(),
-              "date": time.strftime("%Y-%m-%d")}
+              "eval_seeds": args.eval_seeds, "rows": rows, "targets": targets, "machine": _machine(),
+              "date": time.strftime("%Y-%m-%d"), "command": "python eval/fdistill.py " + " ".join(args.argv)}
     out_dir = Path(args.out).parent
-    result["grid"] = side_by_side(student, teacher, out_dir / "fdistill_vs_teacher.png", args.seed,
-                                  max(args.teacher_steps))
-    result["plot"] = _digits_plot(rows, out_dir / "fdistill_fid_vs_nfe.png")
+    stem = Path(args.out).stem
+    result["grid"] = side_by_side(student, teacher, out_dir / f"{stem}_vs_teacher.png", args.eval_seeds[0], top)
+    result["plot"] = _digits_plot(rows, out_dir / f"{stem}_fid_vs_nfe.png")
     result["markdown"] = digits_rows(result)
     return result
+
+
+def run_students(args) -> dict:
+    """FID-digits / class accuracy over seeds for named students (ablation tables)."""
+    from gen.metrics.features import build_feature_extractor
+    from pipelines import ClassConditionalPipeline
+
+    extractor = build_feature_extractor("digits")
+    teacher = ClassConditionalPipeline.from_pretrained(args.teacher)
+    rows = []
+    for item in args.students:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--students takes NAME=PATH items; got {item!r}")
+        pipe = load_student(path, teacher)
+        pipe.set_progress_bar_config(disable=True)
+        rows.append({"name": name, "path": _rel(_resolve(path)),
+                     **fid_over_seeds(pipe, 1, args.num_samples, args.eval_seeds, args.batch_size, extractor)})
+        logger.info("%s: FID-digits %.2f +- %.2f, accuracy %.1f%%", name, rows[-1]["fid"], rows[-1]["fid_std"],
+                    100 * rows[-1]["class_accuracy"])
+    lines = ["| student | FID-digits (mean ± std over seeds) | class accuracy |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['fid']:.2f} ± {r['fid_std']:.2f} | {100 * r['class_accuracy']:.1f} ± "
+              f"{100 * r['class_accuracy_std']:.1f} % |" for r in rows]
+    return {"num_samples": args.num_samples, "eval_seeds": args.eval_seeds, "rows": rows,
+            "markdown": "\n".join(lines) + "\n", "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
+            "command": "python eval/fdistill.py " + " ".join(args.argv)}
+
+
+def run_curve(args, out: Path) -> dict:
+    """FID-digits against training iteration from every kept checkpoint of a run (EMA weights)."""
+    from gen.training.checkpoint import list_checkpoints
+
+    run = _resolve(args.curve)
+    ckpts = list_checkpoints(run / "checkpoints")
+    if not ckpts:
+        raise ValueError(f"no complete checkpoints under {run / 'checkpoints'}")
+    args.students = [f"{step}={path}" for step, path in ckpts]
+    result = run_students(args)
+    for r in result["rows"]:
+        r["iteration"] = int(r.pop("name"))
+    result["run"] = _rel(run)
+    teacher = None
+    if args.teacher_ref:
+        ref = json.loads(Path(args.teacher_ref).read_text())
+        teacher = next((r for r in ref["rows"] if r["model"] == "teacher" and r.get("spacing", "leading") == "leading"
+                        and r["steps"] == max(x["steps"] for x in ref["rows"] if x["model"] == "teacher")), None)
+        if teacher and teacher.get("n") not in (None, args.num_samples):
+            raise ValueError(f"--teacher_ref has {teacher['n']} samples per seed, the curve {args.num_samples}: "
+                             "FID is only comparable at equal sample counts")
+    result["teacher_reference"] = teacher
+    lines = ["| iteration | FID-digits (mean ± std over seeds) | class accuracy |", "|---|---|---|"]
+    lines += [f"| {r['iteration']} | {r['fid']:.2f} ± {r['fid_std']:.2f} | {100 * r['class_accuracy']:.1f} % |"
+              for r in result["rows"]]
+    result["markdown"] = "\n".join(lines) + "\n"
+    result["plot"] = _curve_plot(result, out.with_suffix(".png"))
+    return result
+
+
+def _curve_plot(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.errorbar([r["iteration"] for r in rows], [r["fid"] for r in rows], yerr=[r["fid_std"] for r in rows],
+                marker="o", capsize=3, label="one-step student (EMA), mean ± std over seeds")
+    t = result.get("teacher_reference")
+    if t:
+        ax.axhline(t["fid"], color="gray", ls="--", label=f"teacher, DDIM {t['steps']} steps ({t['fid']:.1f})")
+    ax.set_xlabel("training iteration (critic steps)")
+    ax.set_ylabel("FID-digits (lower is better)")
+    ax.set_title(f"FID-digits against iteration, {result['num_samples']} samples x {len(result['eval_seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def _rel(p) -> str:
@@ -237,12 +496,14 @@ def _rel(p) -> str:
 
 
 def digits_rows(result: dict) -> str:
-    lines = ["| model | steps (NFE) | FID-digits | class accuracy | samples / s |", "|---|---|---|---|---|"]
+    lines = ["| model | steps (NFE) | FID-digits (mean ± std) | class accuracy | samples / s |",
+             "|---|---|---|---|---|"]
     for r in result["rows"]:
-        name = {"student": "one-step f-distill student", "teacher_x0": "teacher's one-step x0 estimate (student init)",
-                "teacher": "teacher, DDIM"}[r["model"]]
-        lines.append(f"| {name} | {r['steps']} ({r['nfe']}) | {r['fid']:.2f} | {100 * r['class_accuracy']:.1f} % | "
-                     f"{r['samples_per_s']:.1f} |")
+        name = {"student": "one-step f-distill student", "teacher_x0": "teacher's one-step x0 estimate (eps read-out)",
+                "teacher": f"teacher, DDIM ({r.get('spacing')})"}[r["model"]]
+        sps = f"{r['samples_per_s']:.1f}" if r.get("samples_per_s") else "-"
+        lines.append(f"| {name} | {r['steps']} ({r['nfe']}) | {r['fid']:.2f} ± {r['fid_std']:.2f} | "
+                     f"{100 * r['class_accuracy']:.1f} ± {100 * r['class_accuracy_std']:.1f} % | {sps} |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,11 +532,17 @@ def _digits_plot(rows, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    t = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == "teacher")
-    ax.plot(*zip(*t), marker="o", label="teacher (DDIM)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for spacing, marker in (("leading", "o"), ("trailing", "s")):
+        t = sorted((r["nfe"], r["fid"], r["fid_std"]) for r in rows if r["model"] == "teacher"
+                   and r.get("spacing") == spacing)
+        if t:
+            ax.errorbar([a for a, _, _ in t], [b for _, b, _ in t], yerr=[c for _, _, c in t], marker=marker,
+                        capsize=3, label=f"teacher, DDIM ({spacing} spacing)")
     s = rows[0]
-    ax.scatter([s["nfe"]], [s["fid"]], color="red", zorder=3, label="one-step f-distill (JS) student")
+    ax.errorbar([s["nfe"]], [s["fid"]], yerr=[s["fid_std"]], color="red", marker="*", ms=10, zorder=3,
+                label="one-step f-distill student")
+    ax.set_title("FID-digits against network evaluations (mean ± std over seeds)", fontsize=10)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample")
@@ -320,41 +587,57 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", action="store_true", help="2-D mixture: mode coverage per divergence")
     p.add_argument("--digits", action="store_true", help="digits student against the teacher")
+    p.add_argument("--students", default=None, help="NAME=PATH,...: FID of several students (ablation)")
+    p.add_argument("--curve", default=None, help="a training run folder: FID of every kept checkpoint")
+    p.add_argument("--teacher_ref", default=None, help="--curve: a --digits JSON whose teacher row is drawn")
     p.add_argument("--out", required=True, help="JSON file to write (plots go next to it)")
     p.add_argument("--divergences", default="rkl,fkl,js", help="comma-separated (toy)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (toy)")
-    p.add_argument("--toy_config", default=str(ROOT / "configs" / "fdistill_toy2d.yaml"))
+    p.add_argument("--toy_config", default=str(ROOT / "configs" / "fdistill_toy2d_imbalanced.yaml"))
     p.add_argument("--max_train_steps", type=int, default=None, help="toy: override the config's budget")
     p.add_argument("--retrain", action="store_true", help="toy: retrain even if a run folder exists")
-    p.add_argument("--num_samples", type=int, default=None, help="toy: 5000; digits: 300")
+    p.add_argument("--num_samples", type=int, default=None, help="toy: 20000; digits: 300")
+    p.add_argument("--eval_seeds", default="0,1,2", help="digits: comma-separated sampling seeds")
     p.add_argument("--student", default="checkpoints/digits-fdistill-js")
     p.add_argument("--teacher", default="checkpoints/digits-teacher")
-    p.add_argument("--teacher_steps", default="1,4,10,50")
-    p.add_argument("--batch_size", type=int, default=300)
+    p.add_argument("--teacher_steps", default="1,4,10,50", help="DDIM steps of the teacher, leading spacing")
+    p.add_argument("--trailing_steps", default="1,50", help="DDIM steps of the teacher, trailing spacing")
+    p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--timing_batch", type=int, default=100)
     p.add_argument("--timing_repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
-    if args.toy == args.digits:
-        p.error("give exactly one of --toy or --digits")
+    modes = [bool(args.toy), bool(args.digits), bool(args.students), bool(args.curve)]
+    if sum(modes) != 1:
+        p.error("give exactly one of --toy, --digits, --students or --curve")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     args.divergences = [d.strip() for d in args.divergences.split(",") if d.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.eval_seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
     args.teacher_steps = [int(s) for s in args.teacher_steps.split(",") if s.strip()]
+    args.trailing_steps = [int(s) for s in args.trailing_steps.split(",") if s.strip()]
+    if args.students:
+        args.students = [s.strip() for s in args.students.split(",") if s.strip()]
     for key in ("student", "teacher"):
-        value = getattr(args, key)
-        if not Path(value).exists() and (ROOT / value).exists():
-            setattr(args, key, str(ROOT / value))
+        setattr(args, key, str(_resolve(getattr(args, key))))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.toy:
-        args.num_samples = args.num_samples or 5000
+        args.num_samples = args.num_samples or 20000
         result = run_toy(args, out)
     else:
         args.num_samples = args.num_samples or 300
-        result = run_digits(args)
+        if not args.eval_seeds:
+            p.error("--eval_seeds needs at least one seed")
+        if args.digits:
+            result = run_digits(args)
+        elif args.students:
+            result = run_students(args)
+        else:
+            result = run_curve(args, out)
     out.write_text(json.dumps(result, indent=2))
     print(result["markdown"])
     return result

@@ -1,13 +1,17 @@
 """Guidance benchmark on the shipped digits teacher: CFG vs APG across scales; AG and LinearAG savings.
 
     python eval/guidance.py --out outputs/guidance [--num_samples 500] [--steps 20]
+    python eval/guidance.py --only adaptive --seeds 0 1 2 --out outputs/guidance_ag     # AG against CFG, 3 seeds
 
 Same seeds for every method (one noise generator per run, seeded identically), DDIM.
 1. CFG and APG at each scale: FID-digits (vs digits16-test), class accuracy, saturation (fraction of pixels
    clipped at the range ends, and mean |x|), sampling wall time.
-2. AG (several gamma_bar, inner CFG) and LinearAG (coefficients from eval/calibrate_linear_ag.py) at one scale:
-   NFE per image, PSNR against the CFG image of the same seed, FID-digits.
-Writes ``results.json``, ``guidance.png`` (FID-digits and saturation against scale) and ``rows.md``.
+2. AG (inner CFG; the defaults, other criteria and thresholds given by ``--ag_settings``, the fixed-step "Step AG"
+   baseline) and LinearAG (coefficients from eval/calibrate_linear_ag.py) at one scale, for every seed of
+   ``--seeds`` against CFG from the same noise: NFE per image, FID-digits and its difference to CFG's (paired per
+   seed; mean and spread over seeds), mean per-image PSNR against CFG's images (and the pooled PSNR of the mean
+   squared error), class accuracy.
+Writes ``results.json``, ``guidance.png`` (FID-digits and saturation against scale) and ``rows.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -59,12 +63,135 @@ def evaluate(images, labels, extractor) -> dict:
             "frac_white": float((images.clamp(-1, 1) >= 1 - 1 / 255).float().mean())}
 
 
-def pooled_psnr(a, b, data_range: float = 2.0) -> float:
-    """PSNR of the mean squared error over all images (identical images would make a per-image mean infinite)."""
+def pooled_psnr(a, b, data_range: float = 2.0, cap: float = 100.0) -> float:
+    """PSNR of the mean squared error over all images (a per-image mean would be infinite for identical images);
+    identical sets count as ``cap`` dB."""
     import math
 
     mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return cap if mse == 0 else min(cap, 10 * math.log10(data_range**2 / mse))
+
+
+def mean_psnr(a, b, data_range: float = 2.0, cap: float = 100.0) -> float:
+    """Mean over images of the per-image PSNR (dB); an image identical to its reference counts as ``cap`` dB."""
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    per = 10 * torch.log10(data_range**2 / mse.clamp_min(data_range**2 * 10 ** (-cap / 10)))
+    return float(per.mean())
+
+
+def parse_ag_setting(spec: str, w: float):
+    """``(label, guider)`` for an AG spec ``criterion[:gamma_bar[:min_steps[:after_switch[:refresh_every]]]]``
+    (empty fields keep the defaults), ``default`` (AdaptiveGuidance's defaults) or
+    ``step:N[:after_switch[:refresh_every]]`` (Step AG: CFG on the first N steps)."""
+    from gen.guidance import CFG, AdaptiveGuidance
+
+    if spec == "default":
+        g = AdaptiveGuidance(inner=CFG(guidance_scale=w))
+        return f"AG defaults ({_describe(g)})", g
+    parts = spec.split(":")
+    if parts[0] == "step":
+        if len(parts) not in (2, 3, 4) or not parts[1].isdigit():
+            raise ValueError(f"Step AG is written step:<guided steps>[:<after_switch>[:<refresh_every>]]; got "
+                             f"{spec!r}")
+        after = parts[2] if len(parts) >= 3 and parts[2] else "cond"
+        refresh = int(parts[3]) if len(parts) == 4 else 0
+        label = f"Step AG (CFG on the first {parts[1]} steps)" + ("" if after == "cond" else f", {after}") + (
+            f", refresh every {refresh}" if refresh else "")
+        return label, AdaptiveGuidance(inner=CFG(guidance_scale=w), criterion="step", min_steps=int(parts[1]),
+                                       after_switch=after, refresh_every=refresh)
+    keys = ("criterion", "gamma_bar", "min_steps", "after_switch", "refresh_every")
+    if len(parts) > len(keys):
+        raise ValueError(f"AG spec {spec!r} has more than {len(keys)} fields")
+    kw = {k: v for k, v in zip(keys, parts) if v != ""}
+    if "gamma_bar" in kw:
+        kw["gamma_bar"] = float(kw["gamma_bar"])
+    for key in ("min_steps", "refresh_every"):
+        if key in kw:
+            kw[key] = int(kw[key])
+    g = AdaptiveGuidance(inner=CFG(guidance_scale=w), **kw)
+    return f"AG {_describe(g)}", g
+
+
+def _describe(g) -> str:
+    c = g.config
+    text = (f"{c['criterion']}, gamma_bar={c['gamma_bar']:g}, min_steps={c['min_steps']}, "
+            f"after_switch={c['after_switch']}")
+    return text + (f", refresh_every={c['refresh_every']}" if c.get("refresh_every") else "")
+
+
+def run_adaptive(pipe, args, extractor) -> dict:
+    """AG (and LinearAG) against CFG at ``args.ag_scale`` for every seed: paired differences, then mean and
+    sample standard deviation over seeds."""
+    import statistics
+    import warnings
+
+    from gen.guidance import CFG, LinearAG
+
+    w = args.ag_scale
+    candidates = [parse_ag_setting(spec, w) for spec in args.ag_settings]
+    if args.linear_ag and Path(args.linear_ag).is_dir():
+        lag = LinearAG.from_pretrained(args.linear_ag)
+        if lag.config.num_inference_steps == args.steps:
+            candidates.append(("LinearAG", LinearAG.from_config({**lag.config, "guidance_scale": w})))
+        else:
+            logger.warning("LinearAG in %s was fitted for %d steps, not %d: skipped", args.linear_ag,
+                           lag.config.num_inference_steps, args.steps)
+    per_seed = []
+    for seed in args.seeds:
+        cfg_images, labels, cfg_nfe, cfg_wall = sample(pipe, CFG(guidance_scale=w), args.num_samples, args.steps, seed)
+        cfg_row = {"method": "CFG", "seed": seed, "nfe": cfg_nfe, "wall_s": round(cfg_wall, 2),
+                   **evaluate(cfg_images, labels, extractor)}
+        per_seed.append(cfg_row)
+        logger.info("seed %d CFG w=%g: FID %.2f", seed, w, cfg_row["fid"])
+        for name, guider in candidates:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                images, labels, nfe, wall = sample(pipe, guider, args.num_samples, args.steps, seed)
+            row = {"method": name, "seed": seed, "nfe": nfe, "nfe_saving": 1 - nfe / cfg_nfe,
+                   "psnr_vs_cfg": mean_psnr(images, cfg_images), "pooled_psnr_vs_cfg": pooled_psnr(images, cfg_images),
+                   "wall_s": round(wall, 2), "warned_all_off_at_step0": any("step 0" in str(c.message) for c in caught),
+                   **evaluate(images, labels, extractor)}
+            row["fid_vs_cfg"] = row["fid"] / cfg_row["fid"] - 1
+            per_seed.append(row)
+            logger.info("seed %d %s: NFE %.2f (%.1f%% saved), FID %.2f (%+.1f%%), PSNR %.2f dB", seed, name, nfe,
+                        100 * row["nfe_saving"], row["fid"], 100 * row["fid_vs_cfg"], row["psnr_vs_cfg"])
+
+    def ms(values):
+        values = [float(v) for v in values]
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    summary = []
+    for name in ["CFG"] + [n for n, _ in candidates]:
+        rs = [r for r in per_seed if r["method"] == name]
+        entry = {"method": name, "seeds": [r["seed"] for r in rs]}
+        for key in ("nfe", "fid", "class_accuracy", "nfe_saving", "fid_vs_cfg", "psnr_vs_cfg", "pooled_psnr_vs_cfg",
+                    "frac_white"):
+            if key in rs[0]:
+                m, sd = ms(r[key] for r in rs)
+                entry[key], entry[key + "_std"] = m, sd
+        if name != "CFG":
+            entry["warned_all_off_at_step0"] = any(r["warned_all_off_at_step0"] for r in rs)
+            entry["meets_target"] = bool(entry["nfe_saving"] >= 0.20 and abs(entry["fid_vs_cfg"]) <= 0.02
+                                         and entry["psnr_vs_cfg"] >= 30.0)
+        summary.append(entry)
+    return {"guidance_scale": w, "steps": args.steps, "num_samples": args.num_samples, "seeds": args.seeds,
+            "per_seed": per_seed, "summary": summary}
+
+
+def adaptive_rows(res: dict) -> str:
+    lines = [f"| method (w={res['guidance_scale']:g}) | NFE / image | NFE saved | FID-digits | FID vs CFG | "
+             "PSNR vs CFG (dB, mean per image) | class acc. | target met |", "|---|---|---|---|---|---|---|---|"]
+    for e in res["summary"]:
+        if e["method"] == "CFG":
+            lines.append(f"| CFG | {e['nfe']:.2f} | - | {e['fid']:.2f} ± {e['fid_std']:.2f} | - | - | "
+                         f"{100 * e['class_accuracy']:.1f} % | |")
+            continue
+        warn = " (warned: all off at step 0)" if e.get("warned_all_off_at_step0") else ""
+        lines.append(f"| {e['method']}{warn} | {e['nfe']:.2f} | {100 * e['nfe_saving']:.1f} % | {e['fid']:.2f} ± "
+                     f"{e['fid_std']:.2f} | {100 * e['fid_vs_cfg']:+.1f} ± {100 * e['fid_vs_cfg_std']:.1f} % | "
+                     f"{e['psnr_vs_cfg']:.2f} ± {e['psnr_vs_cfg_std']:.2f} | {100 * e['class_accuracy']:.1f} % | "
+                     f"{'yes' if e['meets_target'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_guiders(args):
@@ -134,7 +261,10 @@ def main(argv=None) -> dict:
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--steps", type=int, default=load_settings()["steps"])
     p.add_argument("--scales", type=float, nargs="+", default=[1.5, 3, 5, 8, 12, 20])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the CFG/APG scale sweep")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the AG comparison")
+    p.add_argument("--only", choices=("all", "scales", "adaptive"), default="all",
+                   help="run only the CFG/APG scale sweep (with the APG overhead) or only the AG comparison")
     defaults = load_settings()
     p.add_argument("--apg_eta", type=float, default=defaults["apg"]["eta"])
     p.add_argument("--apg_momentum", type=float, default=defaults["apg"]["momentum"])
@@ -142,8 +272,9 @@ def main(argv=None) -> dict:
                    help="APG norm threshold r (L2 over the 16x16 x0)")
     p.add_argument("--ag_scale", type=float, default=3.0, help="scale for the AG / LinearAG comparison")
     p.add_argument("--ag_settings", nargs="+",
-                   default=["0.999:0", "0.999:6", "0.999:8", "0.999:9", "0.999:10", "0.9995:6", "0.9995:8"],
-                   help="AG runs as gamma_bar:min_steps")
+                   default=["default", "eps_cosine:0.999:10", "x0_cosine:0.9995", "x0_cosine:0.9995::frozen_eps_delta",
+                            "step:12"],
+                   help="AG runs: 'default', criterion[:gamma_bar[:min_steps[:after_switch]]], or step:<N>")
     p.add_argument("--overhead_repeats", type=int, default=7, help="interleaved CFG/APG timing runs (0 = skip)")
     p.add_argument("--overhead_scale", type=float, default=8.0)
     p.add_argument("--linear_ag", default=str(ROOT / "checkpoints" / "digits-teacher" / "linear_ag"),
@@ -152,7 +283,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from gen.data.digits import load_digits16
-    from gen.guidance import CFG, AdaptiveGuidance, LinearAG
     from gen.metrics.features import build_feature_extractor
     from pipelines import ClassConditionalPipeline
 
@@ -165,65 +295,34 @@ def main(argv=None) -> dict:
     real = evaluate(real_x, real_y, extractor)
     logger.info("real train vs test: %s", real)
 
-    rows, guiders, cfg_images = [], build_guiders(args), {}
-    for w in args.scales:
-        for method, make in guiders.items():
-            images, labels, nfe, wall = sample(pipe, make(w), args.num_samples, args.steps, args.seed)
-            if method == "cfg":
-                cfg_images[w] = images
-            rows.append({"method": method, "guidance_scale": w, "nfe": nfe, "wall_s": round(wall, 2),
-                         **evaluate(images, labels, extractor)})
-            logger.info("%s w=%g: %s", method, w, rows[-1])
-
+    rows, guiders = [], build_guiders(args)
+    if args.only in ("all", "scales"):
+        for w in args.scales:
+            for method, make in guiders.items():
+                images, labels, nfe, wall = sample(pipe, make(w), args.num_samples, args.steps, args.seed)
+                rows.append({"method": method, "guidance_scale": w, "nfe": nfe, "wall_s": round(wall, 2),
+                             **evaluate(images, labels, extractor)})
+                logger.info("%s w=%g: %s", method, w, rows[-1])
     # AG and LinearAG at one scale, against CFG from the same seeds
-    w = args.ag_scale
-    if w not in cfg_images:
-        cfg_images[w], _, _, _ = sample(pipe, CFG(guidance_scale=w), args.num_samples, args.steps, args.seed)
-    cfg_ref = cfg_images[w]
-    cfg_row = next((r for r in rows if r["method"] == "cfg" and r["guidance_scale"] == w), None)
-    savings = []
-    candidates = []
-    for setting in args.ag_settings:
-        g, _, m = setting.partition(":")
-        candidates.append((f"ag(gamma_bar={g}, min_steps={m or 0})",
-                           AdaptiveGuidance(inner=CFG(guidance_scale=w), gamma_bar=float(g), min_steps=int(m or 0))))
-    if args.linear_ag and Path(args.linear_ag).is_dir():
-        lag = LinearAG.from_pretrained(args.linear_ag)
-        if lag.config.num_inference_steps == args.steps:
-            candidates.append(("linear_ag", LinearAG.from_config({**lag.config, "guidance_scale": w})))
-        else:
-            logger.warning("LinearAG in %s was fitted for %d steps, not %d: skipped", args.linear_ag,
-                           lag.config.num_inference_steps, args.steps)
-    for name, guider in candidates:
-        images, labels, nfe, wall = sample(pipe, guider, args.num_samples, args.steps, args.seed)
-        row = {"method": name, "guidance_scale": w, "nfe": nfe, "nfe_saving": 1 - nfe / (2 * args.steps),
-               "psnr_vs_cfg": pooled_psnr(images, cfg_ref), "wall_s": round(wall, 2),
-               **evaluate(images, labels, extractor)}
-        if cfg_row:
-            row["fid_vs_cfg"] = row["fid"] / cfg_row["fid"] - 1
-        savings.append(row)
-        logger.info("%s: %s", name, row)
-
-    overhead = guider_overhead(pipe, args) if args.overhead_repeats > 0 else None
+    adaptive = run_adaptive(pipe, args, extractor) if args.only in ("all", "adaptive") else None
+    overhead = guider_overhead(pipe, args) if args.overhead_repeats > 0 and args.only != "adaptive" else None
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} "
               "torch threads", "command": " ".join(["python", *sys.argv]), "num_samples": args.num_samples,
               "steps": args.steps, "seed": args.seed, "scheduler": "ddim",
               "apg": {"eta": args.apg_eta, "momentum": args.apg_momentum, "r": args.apg_r},
-              "real_train_vs_test": real, "scales": rows, "adaptive": savings, "overhead": overhead}
+              "real_train_vs_test": real, "scales": rows, "adaptive": adaptive, "overhead": overhead}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    plot(rows, real, out / "guidance.png")
-    lines = ["| method | w | NFE | FID-digits | class acc. | % white | % clipped | mean abs | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method'].upper()} | {r['guidance_scale']:g} | {r['nfe']:g} | {r['fid']:.2f} | "
-                     f"{100 * r['class_accuracy']:.1f} | {100 * r['frac_white']:.2f} | {100 * r['frac_clipped']:.1f} | "
-                     f"{r['mean_abs']:.3f} | {r['wall_s']:.1f} |")
-    lines += ["", "| method | w | NFE | NFE saved | PSNR vs CFG (dB) | FID-digits | FID vs CFG | class acc. |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in savings:
-        lines.append(f"| {r['method']} | {w:g} | {r['nfe']:.2f} | {100 * r['nfe_saving']:.1f}% | "
-                     f"{r['psnr_vs_cfg']:.2f} | {r['fid']:.2f} | {100 * r.get('fid_vs_cfg', float('nan')):+.1f}% | "
-                     f"{100 * r['class_accuracy']:.1f} |")
+    lines = []
+    if rows:
+        plot(rows, real, out / "guidance.png")
+        lines += ["| method | w | NFE | FID-digits | class acc. | % white | % clipped | mean abs | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method'].upper()} | {r['guidance_scale']:g} | {r['nfe']:g} | {r['fid']:.2f} | "
+                         f"{100 * r['class_accuracy']:.1f} | {100 * r['frac_white']:.2f} | "
+                         f"{100 * r['frac_clipped']:.1f} | {r['mean_abs']:.3f} | {r['wall_s']:.1f} |")
+    if adaptive:
+        lines += ["", adaptive_rows(adaptive)]
     if overhead:
         lines += ["", f"APG vs CFG wall time (w={overhead['guidance_scale']:g}, batch {overhead['batch']}, "
                   f"{overhead['steps']} steps, median of {overhead['repeats']} interleaved runs): "

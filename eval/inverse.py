@@ -26,6 +26,7 @@ RED-Diff / ground truth per task) and ``<stem>.md`` (markdown table rows).
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import logging
@@ -98,13 +99,46 @@ def restore(pipe, op, y, method: str, steps: int, params: dict, seed: int, batch
     """Restorations [N,1,16,16] in [-1,1], wall seconds, network evaluations per image."""
     chunks, nfe, t0 = [], 0, time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
+    accepted = inspect.signature(pipe.__call__).parameters
+    direct = method == "reddiff" and any(k not in accepted for k in params)
     for start in range(0, y.shape[0], batch_size):
         sub = _slice_operator(op, start, start + batch_size)
+        if direct:
+            images, nfe = _red_diff_direct(pipe, sub, y[start:start + batch_size], steps, params, gen)
+            chunks.append(images)
+            continue
         out = pipe(y[start:start + batch_size], sub, method=method, num_inference_steps=steps, generator=gen,
                    output_type="pt", **params)
         chunks.append(out.images * 2 - 1)
         nfe = out.nfe
     return torch.cat(chunks), time.perf_counter() - t0, nfe
+
+
+def _red_diff_direct(pipe, op, y, steps: int, params: dict, generator):
+    """RED-Diff with keyword options of ``gen.inverse.red_diff`` that ``RedDiffPipeline`` does not forward yet
+    (``optimizer``): the pipeline's own wiring (null class, ``mu0 = H^+ y``, the descending grid), same result as
+    the pipeline for the options it does take, and the same [0, 1] clamp of the output."""
+    from gen.diffusion import alpha_sigma, prediction_type_of
+    from gen.inverse import red_diff
+    from gen.inverse.reddiff import eps_predictor, reddiff_timesteps
+
+    params = dict(params)
+    t_max, t_min = params.pop("t_max", None), params.pop("t_min", 0)
+    unet, sched = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size
+    x_shape = (y.shape[0], unet.config.in_channels, size, size)
+    labels = pipe._labels(None, y.shape[0])
+
+    def model_fn(x, t):
+        t = torch.as_tensor(t, device=x.device)
+        return unet(x, t.expand(x.shape[0]) if t.ndim else t, class_labels=labels).sample
+
+    grid = reddiff_timesteps(steps, sched.config.num_train_timesteps, t_max, t_min)
+    with torch.no_grad():
+        mu0 = op.pinv(y, x_shape)
+    x = red_diff(eps_predictor(model_fn, prediction_type_of(sched), sched), op, y, mu0,
+                 lambda t: alpha_sigma(sched, t, ndim=4, dtype=mu0.dtype), grid, generator=generator, **params)
+    return (x / 2 + 0.5).clamp(0, 1) * 2 - 1, steps
 
 
 def _slice_operator(op, start, stop):
@@ -165,6 +199,8 @@ def run(args, settings) -> dict:
                                      "truth": x[:args.num_examples]}
         for method in args.method:
             params = method_params(settings, method, task, sigma_y)
+            if method == "reddiff" and args.reddiff_params:
+                params.update(_parse_overrides(args.reddiff_params))
             images, wall, nfe = restore(pipe, op, y, method, args.steps, params, args.seed, args.batch_size)
             examples[(task, sigma_y)][method] = images[:args.num_examples]
             row = {"task": task, "sigma_y": sigma_y, "method": method, "steps": args.steps if nfe else 0,
@@ -200,6 +236,19 @@ def timing(args, settings, task: str = "inpaint_box", sigma_y: float = 0.05) -> 
             "reddiff_median_s": red, "dps_median_s": dps_t, "ratio": round(red / dps_t, 4)}
 
 
+def _parse_overrides(items) -> dict:
+    """``["lr=0.05", "t_max=250", "weighting=const"]`` -> ``{"lr": 0.05, "t_max": 250, "weighting": "const"}``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reddiff_params takes key=value items; got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _show_measurement(op, y, x_shape):
     """A displayable [-1,1] image of a measurement: masked pixels grey (0) for inpainting, pinv upsampling else."""
     from gen.inverse import Inpainting
@@ -212,41 +261,196 @@ def _show_measurement(op, y, x_shape):
     return y
 
 
+REDDIFF_KEYS = ("optimizer", "weighting", "t_max", "lr", "lam")
+
+
+def tuning_grid(settings: dict, method: str, num_train_timesteps: int = 1000, only: dict | None = None) -> dict:
+    """The value lists searched per parameter, filtered: values outside their valid range (RED-Diff: an unknown
+    optimizer or weighting, ``t_max`` outside ``[0, num_train_timesteps)``, ``lr <= 0``, ``lam < 0``; DPS:
+    ``zeta < 0``, ``eta`` outside [0, 1]) are dropped, and ``only`` (``{"optimizer": ["sgd"]}``) keeps only the
+    values it lists. A parameter left with no value raises ``ValueError``."""
+    from gen.inverse.reddiff import OPTIMIZERS, WEIGHTINGS
+
+    grid = settings["tuning"][method]
+    grid = grid.get("grid", grid)
+    valid = {
+        "optimizer": lambda v: v in OPTIMIZERS, "weighting": lambda v: v in WEIGHTINGS,
+        "t_max": lambda v: isinstance(v, int) and 0 <= v < num_train_timesteps, "lr": lambda v: v > 0,
+        "lam": lambda v: v >= 0, "zeta": lambda v: v >= 0, "eta": lambda v: 0 <= v <= 1,
+    }
+    out = {}
+    for name, values in grid.items():
+        kept = [v for v in values if valid.get(name, lambda _: True)(v)]
+        if len(kept) < len(values):
+            logger.warning("tuning grid %s.%s: dropped invalid values %s", method, name,
+                           [v for v in values if v not in kept])
+        if only and name in only:
+            kept = [v for v in kept if v in only[name] or str(v) in only[name]]
+        if not kept:
+            raise ValueError(f"the tuning grid of {method} has no valid value left for {name!r} (grid {values}, "
+                             f"filter {only.get(name) if only else None}); widen it in the settings file")
+        out[name] = kept
+    return out
+
+
+def reddiff_absolute(params: dict, sigma_y: float) -> dict:
+    """Search-space RED-Diff settings -> red_diff keywords. ``lam`` is searched relative to the data weight
+    ``w = 1 / sigma_y^2`` (1 without noise), and so is the SGD step (``lr / w``), so one grid serves every noise
+    level; Adam's ``lr`` is a step in pixel units and stays as it is."""
+    w = 1.0 / sigma_y**2 if sigma_y > 0 else 1.0
+    out = dict(params)
+    out["lam"] = round(params["lam"] * w, 8)
+    if params.get("optimizer", "adam") == "sgd":
+        out["lr"] = round(params["lr"] / w, 10)
+    return out
+
+
+def reddiff_relative(params: dict, sigma_y: float) -> dict:
+    """Inverse of :func:`reddiff_absolute` (tuned settings in the config file are absolute)."""
+    w = 1.0 / sigma_y**2 if sigma_y > 0 else 1.0
+    out = {"optimizer": "adam", **params}
+    out["lam"] = params["lam"] / w
+    if out["optimizer"] == "sgd":
+        out["lr"] = params["lr"] * w
+    return out
+
+
+def coordinate_search(score, starts: list[dict], grid: dict, rounds: int = 2):
+    """Maximise ``score(params)`` by coordinate search: from each start, sweep one parameter at a time over its
+    grid values (the others fixed), keep the best, for up to ``rounds`` passes (stops early when a pass changes
+    nothing). Evaluations are cached. Returns ``(best params, best score, {params key: score})``."""
+    cache = {}
+
+    def f(params):
+        key = tuple(sorted(params.items()))
+        if key not in cache:
+            cache[key] = score(params)
+        return cache[key]
+
+    best, best_score = None, -float("inf")
+    for start in starts:
+        cur = dict(start)
+        cur_score = f(cur)
+        for _ in range(rounds):
+            changed = False
+            for name, values in grid.items():
+                for v in values:
+                    cand = {**cur, name: v}
+                    sc = f(cand)
+                    if sc > cur_score:
+                        cur, cur_score, changed = cand, sc, True
+            if not changed:
+                break
+        if cur_score > best_score:
+            best, best_score = cur, cur_score
+    return best, best_score, cache
+
+
 def tune(args, settings) -> dict:
-    """Grid search of RED-Diff (weighting x t_max x lr x lam) and DPS (zeta x eta) per (task, sigma_y) by mean PSNR
-    on the first ``args.num_images`` images of ``args.split`` (train), at ``args.steps`` steps."""
+    """Per (task, sigma_y), on the first ``args.num_images`` images of ``args.split`` (train) at ``args.steps``:
+    RED-Diff by coordinate search over ``settings["tuning"]["reddiff"]["grid"]`` from the paper's, InverseBench's
+    and the previously tuned settings; DPS over its full (small) grid. Score: mean PSNR."""
     from gen.data.digits import load_digits16
 
     pipe = load_pipe(args.model)
     x, _ = load_digits16(args.split)
     x = x[:args.num_images]
-    grid = settings["tuning"]
-    results = []
+    n_train = pipe.scheduler.config.num_train_timesteps
+    only = dict(f.split("=", 1) for f in args.tune_only) if args.tune_only else None
+    only = {k: v.split(",") for k, v in only.items()} if only else None
+    results, best = [], []
     for task, sigma_y in itertools.product(args.task, args.sigma_y):
-        op = make_operator(task, sigma_y, args.num_images, settings, seed=args.seed)
-        y = op.measure(x, generator=torch.Generator().manual_seed(args.seed + 1))
-        scale = 1.0 / sigma_y**2 if sigma_y > 0 else 1.0  # lambda is relative to the data weight w = 1/sigma_y^2
-        candidates = []
-        if "reddiff" in args.method:
-            g = grid["reddiff"]
-            for wt, t_max, lr, lam in itertools.product(g["weighting"], g["t_max"], g["lr"], g["lam"]):
-                candidates.append(("reddiff", {"lr": lr, "lam": round(lam * scale, 6), "weighting": wt,
-                                               "t_max": t_max}))
-        if "dps" in args.method:
-            candidates += [("dps", {"zeta": z, "eta": e}) for z, e in itertools.product(grid["dps"]["zeta"],
-                                                                                         grid["dps"]["eta"])]
-        for method, params in candidates:
-            images, wall, _ = restore(pipe, op, y, method, args.steps, params, args.seed, args.batch_size)
-            row = {"task": task, "sigma_y": sigma_y, "method": method, "params": params, "wall_s": round(wall, 2),
-                   **quality(images, x, None, None, fid=False)}
-            results.append(row)
-            logger.info("tune %s", row)
-    best = {}
-    for r in results:
-        key = (r["method"], r["task"], r["sigma_y"])
-        if key not in best or r["psnr"] > best[key]["psnr"]:
-            best[key] = r
-    return {"grid": results, "best": [dict(v) for v in best.values()]}
+        best += _tune_one(pipe, args, settings, x, task, sigma_y, n_train, only, results)
+    return {"grid": results, "best": best}
+
+
+def _tune_one(pipe, args, settings, x, task, sigma_y, n_train, only, results) -> list[dict]:
+    op = make_operator(task, sigma_y, args.num_images, settings, seed=args.seed)
+    y = op.measure(x, generator=torch.Generator().manual_seed(args.seed + 1))
+    best = []
+
+    def evaluate(method, params):
+        images, wall, _ = restore(pipe, op, y, method, args.steps, params, args.seed, args.batch_size)
+        row = {"task": task, "sigma_y": sigma_y, "method": method, "params": params, "wall_s": round(wall, 2),
+               **quality(images, x, None, None, fid=False)}
+        results.append(row)
+        logger.info("tune %s", row)
+        return row["psnr"]
+
+    if "reddiff" in args.method:
+        cfg = settings["tuning"]["reddiff"]
+        grid = tuning_grid(settings, "reddiff", n_train, only)
+        starts = [dict(v) for v in cfg.get("starts", {}).values()]
+        try:
+            starts.append(reddiff_relative(method_params(settings, "reddiff", task, sigma_y), sigma_y))
+        except (KeyError, ValueError):
+            pass
+        starts = [{k: v for k, v in st.items() if k in REDDIFF_KEYS} for st in starts]
+        if only:  # a start outside the filter moves to the filter's first value
+            starts = [{k: (grid[k][0] if k in only and v not in grid[k] else v) for k, v in st.items()}
+                      for st in starts]
+        params, psnr_best, cache = coordinate_search(
+            lambda rel: evaluate("reddiff", reddiff_absolute(rel, sigma_y)), starts, grid, args.tune_rounds)
+        best.append({"task": task, "sigma_y": sigma_y, "method": "reddiff", "psnr": psnr_best,
+                     "params": reddiff_absolute(params, sigma_y), "search_params": params,
+                     "evaluations": len(cache), "at_grid_edge": _at_edge(params, grid)})
+    if "dps" in args.method:
+        grid = tuning_grid(settings, "dps", n_train, only)
+        scores = {}
+        for zeta, eta in itertools.product(grid["zeta"], grid["eta"]):
+            scores[(zeta, eta)] = evaluate("dps", {"zeta": zeta, "eta": eta})
+        (zeta, eta), psnr_best = max(scores.items(), key=lambda kv: kv[1])
+        best.append({"task": task, "sigma_y": sigma_y, "method": "dps", "psnr": psnr_best,
+                     "params": {"zeta": zeta, "eta": eta}, "evaluations": len(scores),
+                     "at_grid_edge": _at_edge({"zeta": zeta, "eta": eta}, grid)})
+    for b in best:
+        logger.info("best %s %s sigma_y=%g: %.3f dB with %s%s", b["method"], task, sigma_y, b["psnr"], b["params"],
+                    f" (at the grid edge: {b['at_grid_edge']})" if b["at_grid_edge"] else "")
+    return best
+
+
+def _at_edge(params: dict, grid: dict) -> list[str]:
+    """Numeric parameters whose tuned value is the smallest or largest of its grid (the grid may be too narrow)."""
+    edge = []
+    for k, v in params.items():
+        values = grid.get(k, [])
+        if len(values) > 2 and all(isinstance(x, (int, float)) for x in values) and v in (min(values), max(values)):
+            edge.append(k)
+    return edge
+
+
+def write_tuned_config(path: Path, best: list[dict]) -> None:
+    """Rewrite the ``reddiff:`` and ``dps:`` blocks of the settings file with the tuned settings (other lines, and
+    comments outside those blocks, are kept)."""
+    import yaml
+
+    settings = yaml.safe_load(Path(path).read_text())
+    for b in best:
+        block = settings.setdefault(b["method"], {}).setdefault(b["task"], {})
+        block = {float(k): v for k, v in block.items()}
+        block[float(b["sigma_y"])] = b["params"]
+        settings[b["method"]][b["task"]] = block
+    lines = Path(path).read_text().splitlines()
+    out, skip = [], False
+    for line in lines:
+        if line.startswith("#"):  # a comment at column 0 belongs to what follows
+            skip = False
+        top = line and not line[0].isspace() and not line.startswith("#")
+        if top:
+            skip = line.split(":")[0] in ("reddiff", "dps")
+            if skip:
+                out.append(f"{line.split(':')[0]}:")
+                for task, table in settings[line.split(":")[0]].items():
+                    items = ", ".join(f"{k}: {_flow(v)}" for k, v in sorted(table.items()))
+                    out.append(f"  {task}: {{{items}}}")
+                continue
+        if not skip:
+            out.append(line)
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def _flow(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
 def plot(examples, path: Path, methods) -> Path:
@@ -300,13 +504,20 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_examples", type=int, default=6, help="example images per task in the figure")
-    p.add_argument("--tune", action="store_true", help="grid-search the settings on the train split instead")
+    p.add_argument("--tune", action="store_true", help="search the settings on the train split instead")
+    p.add_argument("--tune_rounds", type=int, default=2, help="passes of RED-Diff's coordinate search")
+    p.add_argument("--tune_only", nargs="*", default=None,
+                   help="restrict the tuning grid, e.g. optimizer=sgd weighting=linear,const")
+    p.add_argument("--write_config", action="store_true",
+                   help="--tune: write the best settings into --config (a tracked file: explicit only)")
     p.add_argument("--timing_repeats", type=int, default=0,
                    help="instead of the benchmark: interleaved RED-Diff / DPS timing runs on inpaint_box (0 = off)")
+    p.add_argument("--reddiff_params", nargs="*", default=None,
+                   help="override the tuned RED-Diff settings, e.g. lr=0.05 t_max=500 (a steps study)")
     p.add_argument("--no_fid", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--config", default=str(ROOT / "configs" / "inverse_digits.yaml"))
-    p.add_argument("--out", default="OUT/inverse.json")
+    p.add_argument("--out", default="outputs/inverse/inverse.json")
     args = p.parse_args(argv)
     args.task = list(TASKS) if "all" in args.task else args.task
     args.method = list(METHODS) if "all" in args.method else [m for m in METHODS if m in args.method]
@@ -330,6 +541,9 @@ def main(argv=None) -> dict:
             "seed": args.seed, "config": _rel(args.config), **_environment()}
     if args.tune:
         result = {**meta, **tune(args, settings)}
+        if args.write_config:
+            write_tuned_config(Path(args.config), result["best"])
+            logger.info("wrote the tuned settings into %s", args.config)
     elif args.timing_repeats > 0:
         result = {**meta, "timing": timing(args, settings)}
         logger.info("timing: %s", result["timing"])

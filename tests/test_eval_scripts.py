@@ -39,16 +39,23 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
     # eval/guidance.py is still loaded by path until its pieces move to gen.evaluation (being edited elsewhere)
     res = load_script("eval/guidance.py").main(
         ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
-         "--ag_scale", "2", "--ag_settings", "-1", "0:2", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
+         "--ag_scale", "2", "--seeds", "0", "1", "--ag_settings", "default", "eps_cosine:1::cond:0", "step:1",
+         "x0_cosine:0.5:2:frozen_eps_delta:0", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
          "--out", str(out)])
-    assert (out / "guidance.png").stat().st_size > 1000 and (out / "rows.md").is_file()
+    assert (out / "guidance.png").stat().st_size > 1000 and "target met" in (out / "rows.md").read_text()
     runs = [(r["method"], r["guidance_scale"]) for r in res["scales"]]
     assert runs == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
-    ag, ag_gated, lag = res["adaptive"]
-    assert ag["nfe"] == pytest.approx(3 + 1)      # gamma_bar=-1: every sample switches after step 0
-    assert ag_gated["nfe"] == pytest.approx(3 + 3)  # gamma_bar=0, min_steps=2: guided at steps 0..2
+    summary = {e["method"]: e for e in res["adaptive"]["summary"]}
+    assert len(summary) == 6 and summary["CFG"]["nfe"] == 6 and summary["CFG"]["seeds"] == [0, 1]
+    never = summary["AG eps_cosine, gamma_bar=1, min_steps=0, after_switch=cond"]
+    step1 = summary["Step AG (CFG on the first 1 steps)"]
+    gated = summary["AG x0_cosine, gamma_bar=0.5, min_steps=2, after_switch=frozen_eps_delta"]
+    assert never["nfe"] == 6 and never["fid_vs_cfg"] == 0 and never["psnr_vs_cfg"] == 100  # gamma_bar=1: CFG exactly
+    assert step1["nfe"] == pytest.approx(3 + 1) and step1["nfe_saving"] == pytest.approx(1 / 3)
+    assert gated["nfe"] == pytest.approx(3 + 3)  # nobody switches before min_steps=2: guided at steps 0..2
+    assert summary["LinearAG"]["nfe"] == pytest.approx(3 + 1)     # one exact step
+    assert all(len([r for r in res["adaptive"]["per_seed"] if r["method"] == m]) == 2 for m in summary)
     assert res["overhead"]["repeats"] == 1 and res["overhead"]["cfg_median_s"] > 0
-    assert lag["nfe"] == pytest.approx(3 + 1)     # one exact step
     assert 0 <= res["scales"][0]["frac_clipped"] <= 1
 
 

@@ -200,16 +200,32 @@ def test_eval_toy_and_digits_smoke(tmp_path):
     assert res["floor_exact_samples"]["modes_recovered"] == 8 and (tmp_path / "toy.png").is_file()
     assert json.loads((tmp_path / "toy.json").read_text())["summary"]["kl"]["mean_modes"] >= 0
 
+    assert set(res["summary"]["kl"]) >= {"min_recall", "precision", "weight_tv", "recall_per_mode", "h_per_bin"}
+    assert res["summary"]["rkl"]["h_per_bin"] and all(v == 1.0 for v in res["summary"]["rkl"]["h_per_bin"].values())
+
     teacher = _tiny_teacher(tmp_path)
     sched = DDIMScheduler.from_pretrained(teacher, subfolder="scheduler")
     OneStepPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path / "student")
     res = ev.main(["--digits", "--student", str(tmp_path / "student"), "--teacher", teacher, "--num_samples", "20",
-                   "--batch_size", "20", "--teacher_steps", "1,2", "--timing_batch", "10", "--timing_repeats", "1",
-                   "--out", str(tmp_path / "d" / "digits.json")])
-    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("student", 1), ("teacher_x0", 1), ("teacher", 1),
-                                                              ("teacher", 2)]
-    assert res["rows"][0]["nfe"] == 1 and res["targets"]["speedup_vs_teacher_max_steps"] > 0
-    assert (tmp_path / "d" / "fdistill_vs_teacher.png").is_file()
+                   "--batch_size", "20", "--teacher_steps", "1,2", "--trailing_steps", "1", "--eval_seeds", "0,1",
+                   "--timing_batch", "10", "--timing_repeats", "1", "--out", str(tmp_path / "d" / "digits.json")])
+    assert [(r["model"], r["steps"], r["spacing"]) for r in res["rows"]] == [
+        ("student", 1, None), ("teacher_x0", 1, None), ("teacher", 1, "leading"), ("teacher", 2, "leading"),
+        ("teacher", 1, "trailing")]
+    assert res["rows"][0]["nfe"] == 1 and res["targets"]["speedup_vs_teacher"] > 0
+    assert [r["seed"] for r in res["rows"][0]["per_seed"]] == [0, 1] and res["rows"][0]["fid_std"] >= 0
+    assert len(res["targets"]["fid_student_minus_teacher_per_seed"]) == 2
+    assert (tmp_path / "d" / "digits_vs_teacher.png").is_file()
+
+    # a training run's kept checkpoints: FID against iteration (EMA weights)
+    run = _run("--teacher", teacher, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
+    curve = ev.main(["--curve", str(run), "--teacher", teacher, "--num_samples", "20", "--batch_size", "20",
+                     "--eval_seeds", "0", "--out", str(tmp_path / "c" / "curve.json")])
+    assert [r["iteration"] for r in curve["rows"]] == [2, 4] and (tmp_path / "c" / "curve.png").is_file()
+    ab = ev.main(["--students", f"last={run}/checkpoints/checkpoint-4,final={run}", "--teacher", teacher,
+                  "--num_samples", "20", "--batch_size", "20", "--eval_seeds", "0", "--out", str(tmp_path / "ab.json")])
+    assert ab["rows"][0]["fid"] == pytest.approx(ab["rows"][1]["fid"], abs=1e-3)  # the saved student is the EMA
 
 
 def test_bf16_mixed_precision_runs(tmp_path):

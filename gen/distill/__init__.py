@@ -15,6 +15,7 @@ from .fdistill import (
     discriminator_loss,
     fdistill_weights,
     gan_generator_loss,
+    per_bin_statistics,
     vsd_loss,
 )
 from .lora import AdapterView, inject_adapters, merged_network
@@ -45,5 +46,6 @@ __all__ = [
     "load_teacher",
     "merged_network",
     "one_step_generate",
+    "per_bin_statistics",
     "vsd_loss",
 ]
