@@ -282,37 +282,6 @@ def _resolve(path) -> Path:
     return path if path.exists() or not (ROOT / path).exists() else ROOT / path
 
 
-def load_student(path, teacher=None):
-    """A ``OneStepPipeline`` from a pipeline folder, or from a training checkpoint ``RUN/checkpoints/checkpoint-N``
-    of ``train/fdistill.py`` (the EMA weights when the run kept an EMA, else the raw student; the generator
-    settings come from ``RUN/config.yaml``)."""
-    import yaml
-    from diffusers import DDIMScheduler
-    from safetensors.torch import load_file
-
-    from pipelines import ClassConditionalPipeline, OneStepPipeline
-
-    path = _resolve(path)
-    if (path / "model_index.json").is_file():
-        return OneStepPipeline.from_pretrained(path)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"{str(path)!r} is neither a OneStepPipeline folder nor a complete training checkpoint")
-    cfg = yaml.safe_load((path.parent.parent / "config.yaml").read_text())
-    teacher = teacher or ClassConditionalPipeline.from_pretrained(_resolve(cfg["teacher"]))
-    import copy
-
-    unet = copy.deepcopy(teacher.unet)
-    if (path / "ema.safetensors").is_file():
-        state = {k[len("shadow."):]: v for k, v in load_file(str(path / "ema.safetensors")).items()
-                 if k.startswith("shadow.")}
-    else:
-        state = load_file(str(path / "student.safetensors"))
-    unet.load_state_dict(state)
-    return OneStepPipeline(unet=unet.eval(), scheduler=DDIMScheduler.from_config(teacher.scheduler.config),
-                           generator_timestep=int(cfg["generator_timestep"]),
-                           generator_prediction=cfg.get("generator_prediction", "scheduler"))
-
-
 def fid_over_seeds(pipe, steps: int, num_samples: int, seeds, batch_size: int, extractor) -> dict:
     """FID-digits (vs digits16-test) and class accuracy of ``num_samples`` balanced samples for every seed; the
     mean and the sample standard deviation over seeds."""
@@ -349,12 +318,13 @@ def _ddim(teacher, spacing: str):
 
 
 def run_digits(args) -> dict:
+    from gen.distill.students import load_student
     from gen.metrics.features import build_feature_extractor
     from pipelines import ClassConditionalPipeline, OneStepPipeline
 
     extractor = build_feature_extractor("digits")
     teacher = ClassConditionalPipeline.from_pretrained(args.teacher)
-    student = load_student(args.student, teacher)
+    student = load_student(_resolve(args.student), teacher=args.teacher)
     for p in (student, teacher):
         p.set_progress_bar_config(disable=True)
     rows = []
@@ -407,17 +377,16 @@ def run_digits(args) -> dict:
 
 def run_students(args) -> dict:
     """FID-digits / class accuracy over seeds for named students (ablation tables)."""
+    from gen.distill.students import load_student
     from gen.metrics.features import build_feature_extractor
-    from pipelines import ClassConditionalPipeline
 
     extractor = build_feature_extractor("digits")
-    teacher = ClassConditionalPipeline.from_pretrained(args.teacher)
     rows = []
     for item in args.students:
         name, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--students takes NAME=PATH items; got {item!r}")
-        pipe = load_student(path, teacher)
+        pipe = load_student(_resolve(path), teacher=args.teacher)
         pipe.set_progress_bar_config(disable=True)
         rows.append({"name": name, "path": _rel(_resolve(path)),
                      **fid_over_seeds(pipe, 1, args.num_samples, args.eval_seeds, args.batch_size, extractor)})

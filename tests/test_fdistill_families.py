@@ -103,6 +103,13 @@ def test_interpolant_teacher_end_to_end_and_flow_read_out(tmp_path):
         v = pipe.unet(z, torch.zeros(2), class_labels=torch.tensor([1, 2])).sample
     torch.testing.assert_close(x.images, ((z + v) / 2 + 0.5).clamp(0, 1))
     assert x.nfe == 1
+    # the training checkpoint (EMA student, the last step) loads as the same pipeline as the export
+    from gen.distill.students import load_student
+
+    again = _quiet(load_student(out / "checkpoints" / "checkpoint-2"))
+    assert type(again.scheduler).__name__ == "InterpolantScheduler" and again.config.generator_timestep == 1000
+    torch.testing.assert_close(again(class_labels=[1, 2], latents=z, output_type="pt").images, x.images, rtol=0,
+                               atol=0)
 
 
 def test_dit_teacher_end_to_end_with_lora_on_one_base(tmp_path):
