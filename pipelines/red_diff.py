@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gen import validate
 from gen.inverse import WEIGHTINGS, Operator
 from gen.inverse.dps import DPSHook
-from gen.inverse.reddiff import RedDiffSolver, prior_space, reddiff_grid, run_red_diff
+from gen.inverse.reddiff import OPTIMIZERS, RedDiffSolver, prior_space, reddiff_grid, run_red_diff
 from gen.sampling import ClassUNetAdapter, Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
     ArgumentTypeError,
@@ -146,7 +146,7 @@ class _InverseMixin:
 
     def _solve(self, adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam, weighting,
                obs_weight, bounds, zeta, eta, num_inference_steps, generator, callback, dtype, device,
-               encode=None, decode=None, latent_shape=None, shift_mu=None):
+               encode=None, decode=None, latent_shape=None, shift_mu=None, optimizer: str = "adam"):
         """RED-Diff or DPS on the sampling core; returns ``(final state, network evaluations per image)``.
 
         RED-Diff's grid and noising come from the prior scheduler's prediction space (``gen.inverse.reddiff_grid``,
@@ -162,7 +162,8 @@ class _InverseMixin:
             mu0 = encode(start.clamp(-1, 1)) if encode is not None else start
             steps = reddiff_grid(self.scheduler, num_inference_steps, *bounds, mu=shift_mu)
             solver = RedDiffSolver(operator, y, mu0, timesteps=steps, prior=self.scheduler, lr=lr, lam=lam,
-                                   weighting=weighting, obs_weight=obs_weight, generator=generator, decode=decode)
+                                   weighting=weighting, obs_weight=obs_weight, generator=generator, decode=decode,
+                                   optimizer=optimizer)
             result = run_red_diff(adapter, solver, conditioning, guider, callback=callback,
                                   progress=self.progress_bar, return_result=True)
             return result.sample, nfe_value(result.nfe)
@@ -329,6 +330,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         noise_max: float | None = None,
         noise_min: float | None = None,
         prompt=None,
+        optimizer: str = "adam",
     ):
         """Restore images from a measurement.
 
@@ -339,6 +341,8 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
             num_inference_steps: RED-Diff time-grid size / DPS sampler steps (one network evaluation each).
             class_labels: int or ``[B]`` ints for a class-conditional UNet; None: the null class (unconditional).
             lr, lam, weighting, obs_weight: RED-Diff's Adam step, ``lambda``, SNR weighting and data weight.
+            optimizer: RED-Diff's optimizer of ``mu``: ``"adam"`` (Algorithm 1) or ``"sgd"`` (plain gradient steps;
+                see ``gen.inverse.red_diff``).
             t_max, t_min: RED-Diff's descending time grid runs from ``t_max`` (default the last training step) to
                 ``t_min`` (see ``gen.inverse.reddiff_timesteps``); VP priors only.
             noise_max, noise_min: the same grid for every prior, as noise fractions (1 = pure noise, 0 = data;
@@ -372,6 +376,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
                                                        output_type, generator, x_shape, x_init, lr, lam, weighting,
                                                        zeta, eta, obs_weight, t_max, t_min, noise_max, noise_min,
                                                        callback)
+        validate.choice("optimizer", optimizer, OPTIMIZERS)
         labels = self._labels(class_labels, batch)
         guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
@@ -385,7 +390,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         else:
             images, nfe = self._solve(adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam,
                                       weighting, obs_weight, bounds, zeta, eta, num_inference_steps, generator,
-                                      callback, dtype, device)
+                                      callback, dtype, device, optimizer=optimizer)
         out = self._to_output(images, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         if not return_dict:
