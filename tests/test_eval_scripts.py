@@ -10,11 +10,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from gen.cli import parse_settings
-from gen.evaluation import bench_teacher, demo, linear_ag
+from gen.evaluation import bench_teacher, demo, guidance, linear_ag
 from gen.guidance import LinearAG
 from gen.models.unet import tiny_unet
 from pipelines import ClassConditionalPipeline
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,11 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
     assert len(meta["relative_residual_per_step"]) == 3
 
     out = tmp_path / "g"
-    # eval/guidance.py is still loaded by path until its pieces move to gen.evaluation (being edited elsewhere)
-    res = load_script("eval/guidance.py").main(
-        ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
-         "--ag_scale", "2", "--seeds", "0", "1", "--ag_settings", "default", "eps_cosine:1::cond:0", "step:1",
-         "x0_cosine:0.5:2:frozen_eps_delta:0", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
-         "--out", str(out)])
+    res = guidance.run(parse_settings(guidance.GuidanceSettings, [
+        "--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
+        "--ag_scale", "2", "--seeds", "0", "1", "--ag_settings", "default", "eps_cosine:1::cond:0", "step:1",
+        "x0_cosine:0.5:2:frozen_eps_delta:0", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
+        "--out", str(out)]))
     assert (out / "guidance.png").stat().st_size > 1000 and "target met" in (out / "rows.md").read_text()
     runs = [(r["method"], r["guidance_scale"]) for r in res["scales"]]
     assert runs == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
@@ -57,6 +56,12 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
     assert all(len([r for r in res["adaptive"]["per_seed"] if r["method"] == m]) == 2 for m in summary)
     assert res["overhead"]["repeats"] == 1 and res["overhead"]["cfg_median_s"] > 0
     assert 0 <= res["scales"][0]["frac_clipped"] <= 1
+    for spec, match in (("bogus:0.9", "criterion"), ("x0_cosine:2", "gamma_bar"), ("x0_cosine:high", "AG spec"),
+                        ("step:x", "Step AG")):  # a bad AG spec is a ValueError when the options are parsed
+        with pytest.raises(ValueError, match=match):
+            parse_settings(guidance.GuidanceSettings, ["--ag_settings", spec])
+    with pytest.raises(ValueError, match="eval/results"):
+        guidance.run(guidance.GuidanceSettings(out=str(ROOT / "eval" / "results" / "guidance")))
 
 
 def test_bench_teacher_and_demo_smoke(tiny_pipeline, tmp_path):
