@@ -8,7 +8,7 @@ Algorithm 1), DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse 
   Diffusion 1.x/2.x components. RED-Diff fits the latent mean ``mu`` (initialised at ``E(H^+ y)``) and the data term
   goes through the VAE decoder, ``||y - H(D(mu))||^2``; DPS differentiates ``H(D(x0_hat))`` through decoder and UNet.
   The SD3-style, DiT and SDXL pipelines of :mod:`pipelines.red_diff_families` run the same latent loop
-  (``_InverseMixin._latent_call``) with their own conditioning.
+  (``InverseProblemMixin._latent_call``) with their own conditioning.
 
 All take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
 and ``method`` in ``reddiff``, ``dps``, ``pinv``; eps-, v-, x0- and flow-prediction models work through
@@ -72,7 +72,7 @@ def check_prior_scheduler(scheduler, pipeline: str) -> None:
     check_noise_scheduler(scheduler, pipeline)
 
 
-class _InverseMixin:
+class InverseProblemMixin:
     """What every inverse-problem pipeline shares: argument checks, the RED-Diff grid bounds, RED-Diff / DPS on the
     sampling core, the latent loop (VAE encoder for ``mu``'s start, decoder in the data term) and the output
     conversion. A pipeline names its prior network in ``_prior_attr`` and builds the family's conditioning."""
@@ -245,7 +245,7 @@ class _InverseMixin:
         return InverseProblemPipelineOutput(images=out, nfe=nfe)
 
 
-class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
+class RedDiffPipeline(InverseProblemMixin, DiffusionPipeline):
     """Solve ``y = H(x) + sigma_y n`` with a pixel-space prior (``UNet2DModel``): a diffusion model (VP or
     rectified-flow scheduler) or a one-sided stochastic interpolant (``InterpolantScheduler``, e.g. the shipped
     ``checkpoints/digits-interpolant``, whose folder loads here directly).
@@ -398,7 +398,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         return InverseProblemPipelineOutput(images=out, nfe=nfe)
 
 
-class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
+class LatentRedDiffPipeline(InverseProblemMixin, DiffusionPipeline):
     """RED-Diff / DPS / pseudo-inverse with Stable Diffusion 1.x/2.x components; the operator acts on decoded images
     ``[B, 3, H, W]`` in [-1, 1].
 

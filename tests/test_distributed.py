@@ -177,9 +177,9 @@ def _fdistill_worker(teacher, root):
 
 def test_fsdp2_fdistill_lora_ten_iterations(tmp_path):
     from pipelines import OneStepPipeline
-    from tests.test_fdistill_train import _tiny_teacher
+    from tests.test_fdistill_train import tiny_teacher
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     debug_launcher(_fdistill_worker, args=(teacher, str(tmp_path)), num_processes=2)
     for rank in (0, 1):
         info = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -22,7 +22,7 @@ FAST = ["--train_batch_size", "4", "--log_every", "1", "--student_update_freq", 
         "--disc_hidden", "16", "--ema_decay", "0.9"]
 
 
-def _tiny_teacher(tmp_path) -> str:
+def tiny_teacher(tmp_path) -> str:
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     path = tmp_path / "teacher"
     ClassConditionalPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(path)
@@ -39,7 +39,7 @@ def _root():
 
 
 def test_digits_smoke_saves_a_one_step_pipeline_and_resumes(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     out = _run("--teacher", teacher, "--output_dir", str(tmp_path / "s"), "--max_train_steps", "4")
     logs = [json.loads(x) for x in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4] and "loss_dm" in logs[1] and "loss_dm" not in logs[0]
@@ -67,7 +67,7 @@ def test_toy_smoke(tmp_path):
 
 
 def test_lora_student_and_fake_score(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     with pytest.raises(ValueError, match="lora_targets .* match no module"):
         _run("--teacher", teacher, "--output_dir", str(tmp_path / "bad"), "--max_train_steps", "2",
              "--lora_rank", "2")  # the tiny UNet has no attention projections
@@ -116,7 +116,7 @@ def _two_rank_worker(teacher, out_dir):
 
 
 def test_two_process_distillation(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     out = tmp_path / "ddp"
     debug_launcher(_two_rank_worker, args=(teacher, str(out)), num_processes=2)
     ranks = sorted(out.glob("rank*.json"))
@@ -127,7 +127,7 @@ def test_two_process_distillation(tmp_path):
 
 # --- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_configs_name_the_problem(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     o = ["--teacher", teacher, "--output_dir", str(tmp_path / "x")]
     with pytest.raises(ValueError, match=r"unknown divergence 'kld'; known: .*js"):
         _run(*o, "--divergence", "kld")
@@ -207,7 +207,7 @@ def test_eval_toy_and_digits_smoke(tmp_path):
     assert set(res["summary"]["kl"]) >= {"min_recall", "precision", "weight_tv", "recall_per_mode", "h_per_bin"}
     assert res["summary"]["rkl"]["h_per_bin"] and all(v == 1.0 for v in res["summary"]["rkl"]["h_per_bin"].values())
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     sched = DDIMScheduler.from_pretrained(teacher, subfolder="scheduler")
     OneStepPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path / "student")
     res = main(["--digits", "--student", str(tmp_path / "student"), "--teacher", teacher, "--num_samples", "20",
@@ -241,7 +241,7 @@ def test_eval_toy_and_digits_smoke(tmp_path):
 def test_bf16_mixed_precision_runs(tmp_path):
     from accelerate.state import AcceleratorState
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     AcceleratorState._reset_state(reset_partial_state=True)  # the precision is fixed per process state
     try:
         out = _run("--teacher", teacher, "--output_dir", str(tmp_path / "bf16"), "--max_train_steps", "2",
