@@ -8,7 +8,7 @@ Algorithm 1), DPS (Chung et al., ICLR 2023, Algorithm 1) and the pseudo-inverse 
   Diffusion 1.x/2.x components. RED-Diff fits the latent mean ``mu`` (initialised at ``E(H^+ y)``) and the data term
   goes through the VAE decoder, ``||y - H(D(mu))||^2``; DPS differentiates ``H(D(x0_hat))`` through decoder and UNet.
   The SD3-style, DiT and SDXL pipelines of :mod:`pipelines.red_diff_families` run the same latent loop
-  (``_InverseMixin._latent_call``) with their own conditioning.
+  (``InverseProblemMixin._latent_call``) with their own conditioning.
 
 All take ``measurement`` (``[B, ...]``, the operator's measurement shape), ``operator`` (a ``gen.inverse.Operator``)
 and ``method`` in ``reddiff``, ``dps``, ``pinv``; eps-, v-, x0- and flow-prediction models work through
@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gen import validate
 from gen.inverse import WEIGHTINGS, Operator
 from gen.inverse.dps import DPSHook
-from gen.inverse.reddiff import RedDiffSolver, prior_space, reddiff_grid, run_red_diff
+from gen.inverse.reddiff import OPTIMIZERS, RedDiffSolver, prior_space, reddiff_grid, run_red_diff
 from gen.sampling import ClassUNetAdapter, Conditioning, UNetTextAdapter, denoise, scheduler_step_kwargs
 from gen.sampling.pipeline import (
     ArgumentTypeError,
@@ -72,7 +72,7 @@ def check_prior_scheduler(scheduler, pipeline: str) -> None:
     check_noise_scheduler(scheduler, pipeline)
 
 
-class _InverseMixin:
+class InverseProblemMixin:
     """What every inverse-problem pipeline shares: argument checks, the RED-Diff grid bounds, RED-Diff / DPS on the
     sampling core, the latent loop (VAE encoder for ``mu``'s start, decoder in the data term) and the output
     conversion. A pipeline names its prior network in ``_prior_attr`` and builds the family's conditioning."""
@@ -146,7 +146,7 @@ class _InverseMixin:
 
     def _solve(self, adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam, weighting,
                obs_weight, bounds, zeta, eta, num_inference_steps, generator, callback, dtype, device,
-               encode=None, decode=None, latent_shape=None, shift_mu=None):
+               encode=None, decode=None, latent_shape=None, shift_mu=None, optimizer: str = "adam"):
         """RED-Diff or DPS on the sampling core; returns ``(final state, network evaluations per image)``.
 
         RED-Diff's grid and noising come from the prior scheduler's prediction space (``gen.inverse.reddiff_grid``,
@@ -162,7 +162,8 @@ class _InverseMixin:
             mu0 = encode(start.clamp(-1, 1)) if encode is not None else start
             steps = reddiff_grid(self.scheduler, num_inference_steps, *bounds, mu=shift_mu)
             solver = RedDiffSolver(operator, y, mu0, timesteps=steps, prior=self.scheduler, lr=lr, lam=lam,
-                                   weighting=weighting, obs_weight=obs_weight, generator=generator, decode=decode)
+                                   weighting=weighting, obs_weight=obs_weight, generator=generator, decode=decode,
+                                   optimizer=optimizer)
             result = run_red_diff(adapter, solver, conditioning, guider, callback=callback,
                                   progress=self.progress_bar, return_result=True)
             return result.sample, nfe_value(result.nfe)
@@ -244,7 +245,7 @@ class _InverseMixin:
         return InverseProblemPipelineOutput(images=out, nfe=nfe)
 
 
-class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
+class RedDiffPipeline(InverseProblemMixin, DiffusionPipeline):
     """Solve ``y = H(x) + sigma_y n`` with a pixel-space prior (``UNet2DModel``): a diffusion model (VP or
     rectified-flow scheduler) or a one-sided stochastic interpolant (``InterpolantScheduler``, e.g. the shipped
     ``checkpoints/digits-interpolant``, whose folder loads here directly).
@@ -329,6 +330,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         noise_max: float | None = None,
         noise_min: float | None = None,
         prompt=None,
+        optimizer: str = "adam",
     ):
         """Restore images from a measurement.
 
@@ -339,6 +341,8 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
             num_inference_steps: RED-Diff time-grid size / DPS sampler steps (one network evaluation each).
             class_labels: int or ``[B]`` ints for a class-conditional UNet; None: the null class (unconditional).
             lr, lam, weighting, obs_weight: RED-Diff's Adam step, ``lambda``, SNR weighting and data weight.
+            optimizer: RED-Diff's optimizer of ``mu``: ``"adam"`` (Algorithm 1) or ``"sgd"`` (plain gradient steps;
+                see ``gen.inverse.red_diff``).
             t_max, t_min: RED-Diff's descending time grid runs from ``t_max`` (default the last training step) to
                 ``t_min`` (see ``gen.inverse.reddiff_timesteps``); VP priors only.
             noise_max, noise_min: the same grid for every prior, as noise fractions (1 = pure noise, 0 = data;
@@ -372,6 +376,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
                                                        output_type, generator, x_shape, x_init, lr, lam, weighting,
                                                        zeta, eta, obs_weight, t_max, t_min, noise_max, noise_min,
                                                        callback)
+        validate.choice("optimizer", optimizer, OPTIMIZERS)
         labels = self._labels(class_labels, batch)
         guider = resolve_guider(guidance_scale, guider)
         device, dtype = self._execution_device, self.unet.dtype
@@ -385,7 +390,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         else:
             images, nfe = self._solve(adapter, conditioning, guider, method, operator, y, x_shape, x_init, lr, lam,
                                       weighting, obs_weight, bounds, zeta, eta, num_inference_steps, generator,
-                                      callback, dtype, device)
+                                      callback, dtype, device, optimizer=optimizer)
         out = self._to_output(images, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -393,7 +398,7 @@ class RedDiffPipeline(_InverseMixin, DiffusionPipeline):
         return InverseProblemPipelineOutput(images=out, nfe=nfe)
 
 
-class LatentRedDiffPipeline(_InverseMixin, DiffusionPipeline):
+class LatentRedDiffPipeline(InverseProblemMixin, DiffusionPipeline):
     """RED-Diff / DPS / pseudo-inverse with Stable Diffusion 1.x/2.x components; the operator acts on decoded images
     ``[B, 3, H, W]`` in [-1, 1].
 

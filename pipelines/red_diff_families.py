@@ -4,7 +4,7 @@ DiT and SDXL.
 
 Both pipelines subclass the family's Diffusers pipeline (so hub folders load, and the prompt encoding and label
 names are Diffusers' own) and run the one latent loop of :class:`pipelines.red_diff.LatentRedDiffPipeline`
-(``_InverseMixin._latent_call``): ``mu`` is the latent mean, started at ``E(H^+ y)``; RED-Diff noises it with the
+(``InverseProblemMixin._latent_call``): ``mu`` is the latent mean, started at ``E(H^+ y)``; RED-Diff noises it with the
 prior scheduler's own ``(alpha_t, sigma_t)`` (flow: ``x_t = (1 - s) mu + s eps``) on a grid spaced by the scheduler
 (SD3's ``shift``, or the dynamic ``mu`` of the image size), and the data term ``||y - H(D(mu))||^2`` goes through the
 VAE decoder; DPS differentiates ``H(D(x0_hat))`` through decoder and transformer. Only the conditioning differs:
@@ -33,7 +33,7 @@ from gen.inverse import Operator
 from gen.sampling import Conditioning, DiTAdapter, SD3Adapter, UNetTextAdapter, unwrap_network
 from gen.sampling.pipeline import ArgumentTypeError, class_labels_tensor
 
-from .red_diff import _InverseMixin, check_prior_scheduler
+from .red_diff import InverseProblemMixin, check_prior_scheduler
 
 
 def _check_network(net, cls, pipeline: str, hint: str) -> None:
@@ -42,7 +42,7 @@ def _check_network(net, cls, pipeline: str, hint: str) -> None:
                                 f"{hint}")
 
 
-class RedDiffSD3Pipeline(_InverseMixin, StableDiffusion3Pipeline):
+class RedDiffSD3Pipeline(InverseProblemMixin, StableDiffusion3Pipeline):
     """Inverse problems with an SD3-style prior (``SD3Transformer2DModel`` + ``FlowMatchEulerDiscreteScheduler``);
     the operator acts on decoded images ``[B, 3, H, W]`` in [-1, 1].
 
@@ -137,7 +137,7 @@ class RedDiffSD3Pipeline(_InverseMixin, StableDiffusion3Pipeline):
                                  size_multiple=self.transformer.config.patch_size)
 
 
-class RedDiffDiTPipeline(_InverseMixin, DiTPipeline):
+class RedDiffDiTPipeline(InverseProblemMixin, DiTPipeline):
     """Inverse problems with a class-conditional DiT prior (``DiTTransformer2DModel`` + VAE + its scheduler); the
     operator acts on decoded images ``[B, 3, H, W]`` in [-1, 1].
 
@@ -229,7 +229,7 @@ class RedDiffDiTPipeline(_InverseMixin, DiTPipeline):
                                  check_condition, size_multiple=self.transformer.config.patch_size)
 
 
-class RedDiffSDXLPipeline(_InverseMixin, StableDiffusionXLPipeline):
+class RedDiffSDXLPipeline(InverseProblemMixin, StableDiffusionXLPipeline):
     """Inverse problems with an SDXL prior (``UNet2DConditionModel`` with the ``text_time`` embedding, any VP
     scheduler); the operator acts on decoded images ``[B, 3, H, W]`` in [-1, 1].
 

@@ -503,6 +503,7 @@ def red_diff_cases() -> list[Case]:
     cases += _numbers("class_labels", base, ["3", 1.5, [1], [1, 11], True], run, "class_labels", grp)
     cases += _numbers("guidance_scale", base, [NAN, -1.0, "2"], run, "guidance_scale", grp)
     cases += _numbers("num_inference_steps", base, [0, 2.5, None], run, "num_inference_steps", grp)
+    cases += _numbers("optimizer", base, ["lbfgs", None], run, "optimizer", grp)
 
     lgrp = "LatentRedDiffPipeline"
     lop = Inpainting.box((16, 16), 4, sigma_y=0.01)
@@ -555,7 +556,6 @@ def guider_cases() -> list[Case]:
     from gen.guidance.diffusers_compat import DiffusersAdaptiveGuidance
 
     grp = "guiders"
-    pend = "gen/guidance/adaptive.py (owned by another helper): gamma_bar is checked for finiteness only"
     cases = _numbers("guidance_scale", {}, [NAN, INF, -1.0, "2", None, [2.0], True], lambda **k: CFG(**k),
                      "guidance_scale", "guiders: CFG")
     cases += _numbers("eta", {}, [NAN, INF, "0", None], lambda **k: APG(**k), "eta", "guiders: APG")
@@ -584,8 +584,14 @@ def guider_cases() -> list[Case]:
     ag = {"inner": CFG(2.0)}
     cases += _numbers("gamma_bar", ag, [NAN, INF, "0.9"], lambda **k: AdaptiveGuidance(**k), "gamma_bar",
                       "guiders: AdaptiveGuidance")
-    cases += _numbers("gamma_bar", ag, [2.0, -3.0], lambda **k: AdaptiveGuidance(**k), "gamma_bar",
-                      "guiders: AdaptiveGuidance", pending=pend)
+    cases += _numbers("gamma_bar", ag, [2.0, -3.0, 0.0], lambda **k: AdaptiveGuidance(**k), r"gamma_bar.*\(0, 1\]",
+                      "guiders: AdaptiveGuidance")
+    cases += _numbers("criterion", ag, ["l2", "x0", None], lambda **k: AdaptiveGuidance(**k),
+                      "criterion.*x0_cosine, eps_cosine, step", "guiders: AdaptiveGuidance")
+    cases += _numbers("after_switch", ag, ["uncond", None], lambda **k: AdaptiveGuidance(**k),
+                      "after_switch.*cond, frozen_eps_delta", "guiders: AdaptiveGuidance")
+    cases += _numbers("refresh_every", ag, [-1, 2.5, True], lambda **k: AdaptiveGuidance(**k), "refresh_every",
+                      "guiders: AdaptiveGuidance")
     cases += _numbers("min_steps", ag, [-1, 1.5, "2"], lambda **k: AdaptiveGuidance(**k), "min_steps",
                       "guiders: AdaptiveGuidance")
     cases += _numbers("inner", {}, ["cfg", None], lambda **k: AdaptiveGuidance(**k), "inner",
@@ -807,17 +813,66 @@ def image_io_cases() -> list[Case]:
     ]
 
 
+def mixture_and_benchmark_cases() -> list[Case]:
+    """Issue 17: mixture weights of the 2-D toys and the f-distill toy teacher; the benchmarks' settings (an AG spec,
+    an empty tuning grid, f-distill's modes and students)."""
+    from diffusers import DDPMScheduler
+
+    from gen.cli import parse_settings
+    from gen.data.toys import check_mixture_weights
+    from gen.distill.toy import GaussianMixtureTeacher, mode_statistics
+    from gen.evaluation import fdistill, guidance, inverse
+
+    grp = "mixture weights"
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    cases = _numbers("weights", {}, [[0.5, 0.5, 0.0], [0.6, -0.1, 0.5], [1.0, NAN, 1.0], [], [[0.5, 0.5]]],
+                     lambda **k: check_mixture_weights(**k), "weights", grp)
+    cases += _numbers("weights", {"centres": torch.zeros(3, 2), "std": 0.1, "scheduler": sched},
+                      [[0.5, 0.5, 0.0], [1.0, 2.0]], lambda **k: GaussianMixtureTeacher(**k), "weights",
+                      grp + ": GaussianMixtureTeacher")
+    cases += _numbers("weights", {"samples": torch.zeros(4, 2), "centres": torch.zeros(3, 2), "std": 0.1},
+                      [[0.5, -0.5, 1.0]], lambda **k: mode_statistics(**k), "weights", grp + ": mode_statistics")
+
+    bgrp = "benchmark settings"
+    config = inverse.load_settings()
+
+    def grid(only):
+        return inverse.tuning_grid(config, "reddiff", 1000, only=only)
+
+    cases += [
+        Case(bgrp, "inverse: tuning grid filtered to nothing (optimizer=lbfgs)",
+             lambda: grid({"optimizer": ["lbfgs"]}), "tuning grid.*no valid value left for 'optimizer'"),
+        Case(bgrp, "inverse: tuning grid with only invalid t_max", lambda: inverse.tuning_grid(
+            {"tuning": {"reddiff": {"grid": {"t_max": [1000, -5]}}}}, "reddiff", 1000), "no valid value left.*t_max"),
+        Case(bgrp, "inverse: --tune_only without '='",
+             lambda: parse_settings(inverse.InverseSettings, ["--tune_only", "sgd"]), "tune_only"),
+        Case(bgrp, "guidance: --ag_settings with an unknown criterion",
+             lambda: parse_settings(guidance.GuidanceSettings, ["--ag_settings", "l2:0.9"]), "criterion"),
+        Case(bgrp, "guidance: --ag_settings with gamma_bar 1.5",
+             lambda: parse_settings(guidance.GuidanceSettings, ["--ag_settings", "x0_cosine:1.5"]), "gamma_bar"),
+        Case(bgrp, "fdistill: two modes", lambda: parse_settings(fdistill.FDistillEvalSettings, ["--toy", "--digits"]),
+             "exactly one mode"),
+        Case(bgrp, "fdistill: a student without NAME=",
+             lambda: parse_settings(fdistill.FDistillEvalSettings, ["--students", "runs/x"]), "NAME=PATH"),
+        Case(bgrp, "fdistill: a student folder that is neither a pipeline nor a checkpoint",
+             lambda: __import__("gen.distill.students", fromlist=["load_student"]).load_student(tmp()),
+             "neither a one-step pipeline folder"),
+    ]
+    return cases
+
+
 def all_cases() -> list[Case]:
     cases = []
     for build in (class_conditional_cases, gbm_cases, interpolant_cases, one_step_cases, red_diff_cases, sd_cases,
-                  guider_cases, operator_cases, loader_cases, image_io_cases):
+                  guider_cases, operator_cases, loader_cases, image_io_cases, mixture_and_benchmark_cases):
         cases += build()
     return cases
 
 
 BEFORE = ("Before the validation layer (486 of these cases, all but the ClassConditionalLoraPipeline loader case, run "
           "on commit 97deb1f, 2026-11-29): 304 clear, 98 silent, "
-          "84 raw. The ones still open are marked *pending* below with the part of the project that owns them.")
+          "84 raw. The last two left open then (AdaptiveGuidance gamma_bar outside (0, 1], silent) are clear since "
+          "issue 17's merge.")
 
 
 # --- the table -------------------------------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def test_lora_mixing(tmp_path):
 
 
 # --- trainer --------------------------------------------------------------------------------------------------------
-def _tiny_teacher(tmp_path) -> str:
+def tiny_teacher(tmp_path) -> str:
     from pipelines import ClassConditionalPipeline
 
     folder = tmp_path / "teacher"
@@ -279,7 +279,7 @@ def _tiny_teacher(tmp_path) -> str:
 
 
 def _tiny_args(tmp_path, out):
-    return ["--config", str(ROOT / "configs/alignprop_digits.yaml"), "--pretrained_model", _tiny_teacher(tmp_path),
+    return ["--config", str(ROOT / "configs/alignprop_digits.yaml"), "--pretrained_model", tiny_teacher(tmp_path),
             "--output_dir", str(out), "--num_inference_steps", "3", "--backprop_k_max", "3", "--train_batch_size",
             "2", "--eval_samples_per_prompt", "2", "--fid_num_samples", "0", "--log_every", "1",
             "--checkpointing_steps", "2", "--max_train_steps", "2", "--eval_every", "1"]
@@ -294,7 +294,7 @@ def test_trainer_smoke_resume_and_lora_loads(tmp_path):
     assert [r["step"] for r in logs] == [1, 2] and all(1 <= r["k"] <= 3 for r in logs)
     assert [r["step"] for r in evals] == [0, 1, 2] and all(r["eval_reward"] <= 0 for r in evals)
     assert (out / "checkpoints" / "checkpoint-2" / LORA_WEIGHT_NAME).is_file()
-    pipe = ClassConditionalLoraPipeline.from_pretrained(_tiny_teacher(tmp_path))
+    pipe = ClassConditionalLoraPipeline.from_pretrained(tiny_teacher(tmp_path))
     pipe.load_lora_weights(out)
     trained = read_lora(out)[0]
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B moved away from 0
@@ -351,7 +351,7 @@ def test_config_errors_name_the_problem(tmp_path):
     # labels out of the model's range are refused before any weights load: this folder has no weights at all
     (tmp_path / "configonly" / "unet").mkdir(parents=True)
     (tmp_path / "configonly" / "unet" / "config.json").write_text(
-        (Path(_tiny_teacher(tmp_path)) / "unet" / "config.json").read_text())
+        (Path(tiny_teacher(tmp_path)) / "unet" / "config.json").read_text())
     with pytest.raises(ValueError, match=r"eval_prompts: labels \[12\] out of range; allowed 0..9"):
         train("alignprop", _tiny_args(tmp_path, tmp_path / "bad") + ["--pretrained_model", str(tmp_path / "configonly"),
                                                                       "--eval_prompts", "1,12"])
@@ -389,7 +389,7 @@ def _two_rank_worker(tmp, out):
 
 def test_two_process_training(tmp_path):
     os.chdir(ROOT)
-    _tiny_teacher(tmp_path)
+    tiny_teacher(tmp_path)
     out = tmp_path / "ddp"
     debug_launcher(_two_rank_worker, args=(str(tmp_path), str(out)), num_processes=2)
     ranks = sorted(out.glob("rank*.json"))

@@ -177,9 +177,9 @@ def _fdistill_worker(teacher, root):
 
 def test_fsdp2_fdistill_lora_ten_iterations(tmp_path):
     from pipelines import OneStepPipeline
-    from tests.test_fdistill_train import _tiny_teacher
+    from tests.test_fdistill_train import tiny_teacher
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     debug_launcher(_fdistill_worker, args=(teacher, str(tmp_path)), num_processes=2)
     for rank in (0, 1):
         info = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -211,3 +211,10 @@ def test_fsdp2_fdistill_lora_ten_iterations(tmp_path):
     pipe = OneStepPipeline.from_pretrained(tmp_path / "fsdp")  # LoRA merged: a plain UNet2DModel
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, t_sd[k])]
     assert changed and all(("conv1" in k or "conv2" in k) for k in changed)
+    # the sharded 2-rank checkpoint read on one process (EMA adapters resharded, merged) is the exported student
+    from gen.distill.students import load_student
+
+    again = load_student(tmp_path / "fsdp" / "checkpoints" / "checkpoint-10")
+    kw = {"class_labels": [1, 2], "output_type": "pt"}
+    torch.testing.assert_close(again(generator=torch.Generator().manual_seed(0), **kw).images,
+                               pipe(generator=torch.Generator().manual_seed(0), **kw).images)

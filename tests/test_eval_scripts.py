@@ -10,11 +10,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from gen.cli import parse_settings
-from gen.evaluation import bench_teacher, demo, linear_ag
+from gen.evaluation import bench_teacher, demo, guidance, linear_ag
 from gen.guidance import LinearAG
 from gen.models.unet import tiny_unet
 from pipelines import ClassConditionalPipeline
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +36,32 @@ def test_calibrate_then_guidance_benchmark(tiny_pipeline, tmp_path):
     assert len(meta["relative_residual_per_step"]) == 3
 
     out = tmp_path / "g"
-    # eval/guidance.py is still loaded by path until its pieces move to gen.evaluation (being edited elsewhere)
-    res = load_script("eval/guidance.py").main(
-        ["--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
-         "--ag_scale", "2", "--ag_settings", "-1", "0:2", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
-         "--out", str(out)])
-    assert (out / "guidance.png").stat().st_size > 1000 and (out / "rows.md").is_file()
+    res = guidance.run(parse_settings(guidance.GuidanceSettings, [
+        "--pipeline", tiny_pipeline, "--num_samples", "20", "--steps", "3", "--scales", "2", "8",
+        "--ag_scale", "2", "--seeds", "0", "1", "--ag_settings", "default", "eps_cosine:1::cond:0", "step:1",
+        "x0_cosine:0.5:2:frozen_eps_delta:0", "--overhead_repeats", "1", "--linear_ag", str(lag_dir),
+        "--out", str(out)]))
+    assert (out / "guidance.png").stat().st_size > 1000 and "target met" in (out / "rows.md").read_text()
     runs = [(r["method"], r["guidance_scale"]) for r in res["scales"]]
     assert runs == [("cfg", 2), ("apg", 2), ("cfg", 8), ("apg", 8)]
-    ag, ag_gated, lag = res["adaptive"]
-    assert ag["nfe"] == pytest.approx(3 + 1)      # gamma_bar=-1: every sample switches after step 0
-    assert ag_gated["nfe"] == pytest.approx(3 + 3)  # gamma_bar=0, min_steps=2: guided at steps 0..2
+    summary = {e["method"]: e for e in res["adaptive"]["summary"]}
+    assert len(summary) == 6 and summary["CFG"]["nfe"] == 6 and summary["CFG"]["seeds"] == [0, 1]
+    never = summary["AG eps_cosine, gamma_bar=1, min_steps=0, after_switch=cond"]
+    step1 = summary["Step AG (CFG on the first 1 steps)"]
+    gated = summary["AG x0_cosine, gamma_bar=0.5, min_steps=2, after_switch=frozen_eps_delta"]
+    assert never["nfe"] == 6 and never["fid_vs_cfg"] == 0 and never["psnr_vs_cfg"] == 100  # gamma_bar=1: CFG exactly
+    assert step1["nfe"] == pytest.approx(3 + 1) and step1["nfe_saving"] == pytest.approx(1 / 3)
+    assert gated["nfe"] == pytest.approx(3 + 3)  # nobody switches before min_steps=2: guided at steps 0..2
+    assert summary["LinearAG"]["nfe"] == pytest.approx(3 + 1)     # one exact step
+    assert all(len([r for r in res["adaptive"]["per_seed"] if r["method"] == m]) == 2 for m in summary)
     assert res["overhead"]["repeats"] == 1 and res["overhead"]["cfg_median_s"] > 0
-    assert lag["nfe"] == pytest.approx(3 + 1)     # one exact step
     assert 0 <= res["scales"][0]["frac_clipped"] <= 1
+    for spec, match in (("bogus:0.9", "criterion"), ("x0_cosine:2", "gamma_bar"), ("x0_cosine:high", "AG spec"),
+                        ("step:x", "Step AG")):  # a bad AG spec is a ValueError when the options are parsed
+        with pytest.raises(ValueError, match=match):
+            parse_settings(guidance.GuidanceSettings, ["--ag_settings", spec])
+    with pytest.raises(ValueError, match="eval/results"):
+        guidance.run(guidance.GuidanceSettings(out=str(ROOT / "eval" / "results" / "guidance")))
 
 
 def test_bench_teacher_and_demo_smoke(tiny_pipeline, tmp_path):

@@ -252,8 +252,9 @@ def test_every_guider_on_every_family(families, family, guider_name):
         guider, nfe = CFG(guidance_scale=3.0), 2 * STEPS
     elif guider_name == "apg":
         guider, nfe = APG(guidance_scale=3.0, eta=0.0, momentum=-0.5, norm_threshold=1.0), 2 * STEPS
-    elif guider_name == "adaptive":   # gamma_bar = -1: every sample switches off at min_steps = 1
-        guider, nfe = AdaptiveGuidance(inner=APG(guidance_scale=3.0), gamma_bar=-1.0, min_steps=1), STEPS + 2
+    elif guider_name == "adaptive":   # Step AG: guided at steps 0 and 1, then the frozen eps offset, no refresh
+        guider, nfe = AdaptiveGuidance(inner=APG(guidance_scale=3.0), criterion="step", min_steps=2,
+                                       refresh_every=0), STEPS + 2
     elif guider_name == "linear_ag":   # coefficients fitted on a recorded CFG run of this family
         rec = _Recorder(guidance_scale=3.0)
         pipe(guider=rec, generator=_gen(1), **kw)
@@ -270,7 +271,7 @@ def test_every_guider_on_every_family(families, family, guider_name):
         nfe = STEPS + inside
     assert out.nfe == nfe
     if guider_name == "adaptive":
-        assert guider.switched_at.tolist() == [1, 1]
+        assert guider.switched_at.tolist() == [2, 2]   # Step AG records the first unguided step
 
 
 # --- wrong conditions, impossible guidance, loading --------------------------------------------------------------

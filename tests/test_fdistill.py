@@ -10,6 +10,14 @@ import torch
 from accelerate import debug_launcher
 from diffusers import DDPMScheduler
 
+from gen.data.toys import (
+    IMBALANCED_WEIGHTS,
+    check_mixture_weights,
+    mixture_params,
+    mixture_weights,
+    sample_toy,
+    toy_log_prob,
+)
 from gen.diffusion import alpha_sigma
 from gen.distill import (
     Critic,
@@ -23,6 +31,7 @@ from gen.distill import (
     fdistill_weights,
     get_divergence,
     one_step_generate,
+    per_bin_statistics,
     vsd_loss,
 )
 from gen.distill.toy import GaussianMixtureTeacher, mode_statistics
@@ -249,3 +258,62 @@ def test_settings_reject_bad_values():
         FDistillSettings(ratio_min=5, ratio_max=1).validate()
     with pytest.raises(ValueError, match="t_min"):
         FDistillSettings(t_min=500, t_max=100).validate()
+
+
+# --- the imbalanced mode-coverage toy ----------------------------------------------------------------------------
+def test_imbalanced_mixture_weights_span_20x_and_its_density_is_the_weighted_sum():
+    centres, std = mixture_params("8gaussians_imbalanced")
+    w = mixture_weights("8gaussians_imbalanced")
+    assert float(w.sum()) == pytest.approx(1.0) and float(w.max() / w.min()) >= 20
+    x = torch.randn(9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    direct = sum(float(wk) * torch.exp(-((x - c.double()) ** 2).sum(1) / (2 * std**2)) / (2 * math.pi * std**2)
+                 for wk, c in zip(w, centres))
+    torch.testing.assert_close(toy_log_prob("8gaussians_imbalanced", x), direct.log())
+    # exact samples: every mode's recall is P(chi2_2 <= 9) = 1 - exp(-4.5) at radius 3 std, up to sampling error
+    samples = sample_toy("8gaussians_imbalanced", 200_000, generator=torch.Generator().manual_seed(1))
+    stats = mode_statistics(samples, centres, std, w)
+    inside = 1 - math.exp(-4.5)
+    for k, (r, wk) in enumerate(zip(stats["recall_per_mode"], IMBALANCED_WEIGHTS)):
+        se = math.sqrt(inside * (1 - wk * inside) / (200_000 * wk))  # binomial count / (N w_k)
+        assert abs(r - inside) < 5 * se, (k, r)
+    assert stats["precision"] == pytest.approx(inside, abs=0.002) and stats["weight_tv"] < 0.01
+
+
+def test_mode_statistics_closed_form_on_placed_samples():
+    """Samples placed at known distances: recall, precision and weight errors follow from the counts."""
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    w = torch.tensor([0.5, 0.3, 0.2])
+    # 50 at mode 0, 10 at mode 1 (within 3 std), 0 at mode 2, 40 far from every mode
+    x = torch.cat([torch.zeros(50, 2), torch.tensor([[10.2, 0.0]]).repeat(10, 1), torch.full((40, 2), 5.0)])
+    st = mode_statistics(x, centres, 0.1, w)
+    assert st["recall_per_mode"] == pytest.approx([0.5 / 0.5, 0.1 / 0.3, 0.0], abs=1e-4)
+    assert st["precision"] == pytest.approx(0.6) and st["off_mode_fraction"] == pytest.approx(0.4)
+    norm = torch.tensor([50 / 60, 10 / 60, 0.0])
+    assert st["weight_error_per_mode"] == pytest.approx(((norm - w) / w).tolist(), abs=1e-4)
+    assert st["weight_tv"] == pytest.approx(float(0.5 * (norm - w).abs().sum()), abs=1e-4)
+    assert st["modes_recovered"] == 2 and st["min_recall"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.5, 0.0], [0.6, -0.1, 0.5], [1.0, float("nan"), 1.0], []])
+def test_mixture_with_non_positive_weights_is_rejected(bad):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="weights"):
+        check_mixture_weights(bad)
+    if len(bad) == 3:
+        with pytest.raises(ValueError, match="weights"):
+            GaussianMixtureTeacher(torch.zeros(3, 2), 0.1, sched, weights=torch.tensor(bad))
+        with pytest.raises(ValueError, match="weights"):
+            mode_statistics(torch.zeros(4, 2), torch.zeros(3, 2), 0.1, weights=torch.tensor(bad))
+
+
+def test_per_bin_statistics_are_the_bin_means():
+    h = torch.tensor([1.0, 3.0, 2.0, 4.0, 8.0])
+    r = torch.tensor([0.5, 1.5, 1.0, 2.0, 3.0])
+    bins = torch.tensor([0, 0, 2, 2, 2])
+    out = per_bin_statistics(h, r, bins, 4)
+    assert set(out) == {f"{k}_bin{b}" for k in ("h", "h_std", "h_max", "r", "n") for b in (0, 2)}  # empty: left out
+    assert float(out["h_bin0"]) == 2.0 and float(out["h_bin2"]) == pytest.approx(14 / 3)
+    assert float(out["h_std_bin0"]) == 1.0 and float(out["h_max_bin2"]) == 8.0
+    m = 14 / 3
+    assert float(out["h_std_bin2"]) == pytest.approx(math.sqrt(((2 - m) ** 2 + (4 - m) ** 2 + (8 - m) ** 2) / 3))
+    assert float(out["r_bin2"]) == 2.0 and out["n_bin2"] == 3

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from gen.training import train
-from tests.test_fdistill_train import _tiny_teacher
+from tests.test_fdistill_train import tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config", "configs/fdistill_digits.yaml", "--train_batch_size", "2", "--log_every", "1",
@@ -103,6 +103,13 @@ def test_interpolant_teacher_end_to_end_and_flow_read_out(tmp_path):
         v = pipe.unet(z, torch.zeros(2), class_labels=torch.tensor([1, 2])).sample
     torch.testing.assert_close(x.images, ((z + v) / 2 + 0.5).clamp(0, 1))
     assert x.nfe == 1
+    # the training checkpoint (EMA student, the last step) loads as the same pipeline as the export
+    from gen.distill.students import load_student
+
+    again = _quiet(load_student(out / "checkpoints" / "checkpoint-2"))
+    assert type(again.scheduler).__name__ == "InterpolantScheduler" and again.config.generator_timestep == 1000
+    torch.testing.assert_close(again(class_labels=[1, 2], latents=z, output_type="pt").images, x.images, rtol=0,
+                               atol=0)
 
 
 def test_dit_teacher_end_to_end_with_lora_on_one_base(tmp_path):
@@ -174,7 +181,7 @@ def test_flow_training_levels_are_shifted():
 
 # --- one shared base ---------------------------------------------------------------------------------------------
 def test_shared_base_gives_the_losses_of_separate_copies(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     lora = ["--lora_rank", "2", "--lora_targets", "conv1,conv2", "--train_batch_size", "4"]
     runs = {name: _logs(train("fdistill", [*FAST, "--teacher", teacher, "--output_dir", str(tmp_path / name),
                                            *lora, "--lora_shared_base", flag]))
@@ -193,7 +200,7 @@ def test_shared_base_resumes_exactly(tmp_path):
     from gen.training import list_checkpoints
     from tests.regression.training_cases import Killed, die_after_checkpoint, weights_digest
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     args = [*FAST, "--teacher", teacher, "--lora_rank", "2", "--lora_targets", "conv1,conv2", "--max_train_steps",
             "4"]
     whole = train("fdistill", [*args, "--output_dir", str(tmp_path / "whole")])
@@ -264,7 +271,7 @@ def test_iterations_equal_a_hand_written_loop_with_only_the_needed_passes(tmp_pa
     encoder and decoder by hand, bit for bit."""
     from gen.evaluation.bench_fdistill import max_loss_difference, run_loop_and_bare
 
-    argv = [*FAST, "--teacher", _tiny_teacher(tmp_path), "--output_dir", str(tmp_path / "r"), "--max_train_steps",
+    argv = [*FAST, "--teacher", tiny_teacher(tmp_path), "--output_dir", str(tmp_path / "r"), "--max_train_steps",
             "7", "--train_batch_size", "4", "--checkpointing_steps", "100", "--log_every", "100"]
     res = run_loop_and_bare(argv, 4, warmup=2)
     assert len(res["losses"]["loop"]) == 4 and sum(res["student_iterations"]) == 2
@@ -273,7 +280,7 @@ def test_iterations_equal_a_hand_written_loop_with_only_the_needed_passes(tmp_pa
 
 # --- bad input ---------------------------------------------------------------------------------------------------
 def test_bad_teachers_students_and_settings(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     o = [*FAST, "--output_dir", str(tmp_path / "x")]
     with pytest.raises(ValueError, match=r"not a teacher family f-distill supports; supported: class_unet: .*sd3"):
         train("fdistill", [*o, "--teacher", str(ROOT / "checkpoints" / "digits-gbm")])
@@ -313,7 +320,7 @@ def test_bench_copies_and_flow_eval_smoke(tmp_path):
     from gen.evaluation.fdistill_flow import run as flow
     from pipelines import InterpolantPipeline, OneStepPipeline
 
-    res = bench(BenchFDistillSettings(out=str(tmp_path / "b"), only=["copies"], teacher=_tiny_teacher(tmp_path),
+    res = bench(BenchFDistillSettings(out=str(tmp_path / "b"), only=["copies"], teacher=tiny_teacher(tmp_path),
                                       lora_rank=2, lora_targets="conv1,conv2"))
     rows = res["copies"]["rows"]
     assert rows["shared"]["copies"] < rows["separate"]["copies"] - 1.9 < rows["full"]["copies"]

@@ -16,14 +16,13 @@ from diffusers import DDIMScheduler
 from gen.models.unet import tiny_unet
 from gen.training import list_checkpoints, train
 from pipelines import ClassConditionalPipeline, OneStepPipeline
-from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--train_batch_size", "4", "--log_every", "1", "--student_update_freq", "2", "--checkpointing_steps", "2",
         "--disc_hidden", "16", "--ema_decay", "0.9"]
 
 
-def _tiny_teacher(tmp_path) -> str:
+def tiny_teacher(tmp_path) -> str:
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     path = tmp_path / "teacher"
     ClassConditionalPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(path)
@@ -40,7 +39,7 @@ def _root():
 
 
 def test_digits_smoke_saves_a_one_step_pipeline_and_resumes(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     out = _run("--teacher", teacher, "--output_dir", str(tmp_path / "s"), "--max_train_steps", "4")
     logs = [json.loads(x) for x in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4] and "loss_dm" in logs[1] and "loss_dm" not in logs[0]
@@ -68,7 +67,7 @@ def test_toy_smoke(tmp_path):
 
 
 def test_lora_student_and_fake_score(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     with pytest.raises(ValueError, match="lora_targets .* match no module"):
         _run("--teacher", teacher, "--output_dir", str(tmp_path / "bad"), "--max_train_steps", "2",
              "--lora_rank", "2")  # the tiny UNet has no attention projections
@@ -117,7 +116,7 @@ def _two_rank_worker(teacher, out_dir):
 
 
 def test_two_process_distillation(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     out = tmp_path / "ddp"
     debug_launcher(_two_rank_worker, args=(teacher, str(out)), num_processes=2)
     ranks = sorted(out.glob("rank*.json"))
@@ -128,7 +127,7 @@ def test_two_process_distillation(tmp_path):
 
 # --- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_configs_name_the_problem(tmp_path):
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     o = ["--teacher", teacher, "--output_dir", str(tmp_path / "x")]
     with pytest.raises(ValueError, match=r"unknown divergence 'kld'; known: .*js"):
         _run(*o, "--divergence", "kld")
@@ -186,36 +185,63 @@ def test_one_step_pipeline_arguments_and_round_trip(tmp_path):
         OneStepPipeline(unet=tiny_unet(), scheduler=sched, generator_prediction="noise")
 
 
-# --- the benchmark script ------------------------------------------------------------------------------------------
+# --- the benchmark (gen.evaluation.fdistill, eval/fdistill.py) ------------------------------------------------------
 def test_eval_toy_and_digits_smoke(tmp_path):
     import yaml
+
+    from gen.cli import parse_settings
+    from gen.evaluation import fdistill as ev
+
+    def main(argv):
+        return ev.run(parse_settings(ev.FDistillEvalSettings, argv))
 
     cfg = yaml.safe_load((ROOT / "configs" / "fdistill_toy2d.yaml").read_text())
     cfg.update(max_train_steps=4, fake_init_steps=2, train_batch_size=16, checkpointing_steps=2, toy_hidden=16)
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(cfg))
-    ev = load_script("eval/fdistill.py")
-    res = ev.main(["--toy", "--divergences", "rkl,fkl", "--seeds", "0", "--toy_config", str(tmp_path / "toy.yaml"),
-                   "--num_samples", "200", "--out", str(tmp_path / "toy.json")])
+    res = main(["--toy", "--divergences", "rkl,fkl", "--seeds", "0", "--toy_config", str(tmp_path / "toy.yaml"),
+                "--num_samples", "200", "--out", str(tmp_path / "toy.json")])
     assert [r["divergence"] for r in res["rows"]] == ["rkl", "kl"]
     assert res["floor_exact_samples"]["modes_recovered"] == 8 and (tmp_path / "toy.png").is_file()
     assert json.loads((tmp_path / "toy.json").read_text())["summary"]["kl"]["mean_modes"] >= 0
 
-    teacher = _tiny_teacher(tmp_path)
+    assert set(res["summary"]["kl"]) >= {"min_recall", "precision", "weight_tv", "recall_per_mode", "h_per_bin"}
+    assert res["summary"]["rkl"]["h_per_bin"] and all(v == 1.0 for v in res["summary"]["rkl"]["h_per_bin"].values())
+
+    teacher = tiny_teacher(tmp_path)
     sched = DDIMScheduler.from_pretrained(teacher, subfolder="scheduler")
     OneStepPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path / "student")
-    res = ev.main(["--digits", "--student", str(tmp_path / "student"), "--teacher", teacher, "--num_samples", "20",
-                   "--batch_size", "20", "--teacher_steps", "1,2", "--timing_batch", "10", "--timing_repeats", "1",
-                   "--out", str(tmp_path / "d" / "digits.json")])
-    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("student", 1), ("teacher_x0", 1), ("teacher", 1),
-                                                              ("teacher", 2)]
-    assert res["rows"][0]["nfe"] == 1 and res["targets"]["speedup_vs_teacher_max_steps"] > 0
-    assert (tmp_path / "d" / "fdistill_vs_teacher.png").is_file()
+    res = main(["--digits", "--student", str(tmp_path / "student"), "--teacher", teacher, "--num_samples", "20",
+                "--batch_size", "20", "--teacher_steps", "1", "2", "--trailing_steps", "1", "--eval_seeds", "0", "1",
+                "--timing_batch", "10", "--timing_repeats", "1", "--out", str(tmp_path / "d" / "digits.json")])
+    assert [(r["model"], r["steps"], r["spacing"]) for r in res["rows"]] == [
+        ("student", 1, None), ("teacher_x0", 1, None), ("teacher", 1, "leading"), ("teacher", 2, "leading"),
+        ("teacher", 1, "trailing")]
+    assert res["rows"][0]["nfe"] == 1 and res["targets"]["speedup_vs_teacher"] > 0
+    assert [r["seed"] for r in res["rows"][0]["per_seed"]] == [0, 1] and res["rows"][0]["fid_std"] >= 0
+    assert len(res["targets"]["fid_student_minus_teacher_per_seed"]) == 2
+    assert (tmp_path / "d" / "digits_vs_teacher.png").is_file()
+
+    # a training run's kept checkpoints (DCP + safetensors): FID against iteration (EMA weights)
+    run = _run("--teacher", teacher, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
+    curve = main(["--curve", str(run), "--teacher", teacher, "--num_samples", "20", "--batch_size", "20",
+                  "--eval_seeds", "0", "--out", str(tmp_path / "c" / "curve.json")])
+    assert [r["iteration"] for r in curve["rows"]] == [2, 4] and (tmp_path / "c" / "curve.png").is_file()
+    ab = main(["--students", f"last={run}/checkpoints/checkpoint-4", f"final={run}", "--teacher", teacher,
+               "--num_samples", "20", "--batch_size", "20", "--eval_seeds", "0", "--out", str(tmp_path / "ab.json")])
+    assert ab["rows"][0]["fid"] == pytest.approx(ab["rows"][1]["fid"], abs=1e-3)  # the saved student is the EMA
+    with pytest.raises(ValueError, match="exactly one mode"):
+        parse_settings(ev.FDistillEvalSettings, ["--toy", "--digits"])
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_settings(ev.FDistillEvalSettings, ["--students", "only-a-path"])
+    with pytest.raises(ValueError, match="eval/results"):  # shipped results need --update_shipped
+        main(["--students", f"last={run}/checkpoints/checkpoint-4", "--out", str(ROOT / "eval/results/x.json")])
 
 
 def test_bf16_mixed_precision_runs(tmp_path):
     from accelerate.state import AcceleratorState
 
-    teacher = _tiny_teacher(tmp_path)
+    teacher = tiny_teacher(tmp_path)
     AcceleratorState._reset_state(reset_partial_state=True)  # the precision is fixed per process state
     try:
         out = _run("--teacher", teacher, "--output_dir", str(tmp_path / "bf16"), "--max_train_steps", "2",

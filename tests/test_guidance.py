@@ -2,6 +2,7 @@
 Guidance, LinearAG, the guidance interval, save/load, and input checks. All closed-form, tiny tensors."""
 
 import math
+import warnings
 
 import diffusers.guiders  # imported at collection, not inside a test: peft makes it ~2 s
 import diffusers.modular_pipelines.modular_pipeline  # noqa: F401  (BlockState, used by prepare_inputs)
@@ -149,6 +150,8 @@ def test_apg_matches_diffusers_adaptive_projected_guidance_on_x0(eta, dims):
 
 
 # --- Adaptive Guidance --------------------------------------------------------------------------------------
+PAPER = {"after_switch": "cond", "refresh_every": 0}  # the paper's rule after the switch (defaults differ)
+
 def close_pair(b, seed, noise):
     """cond/uncond whose eps differ by `noise` relative size per sample (cosine ~ 1 - noise^2 / 2)."""
     c, u = pair(b, seed)
@@ -160,13 +163,13 @@ def close_pair(b, seed, noise):
 @pytest.mark.parametrize(
     "make_inner", [lambda: CFG(4.0), lambda: APG(4.0, momentum=-0.5, norm_threshold=1.0)]
 )
-def test_ag_with_gamma_bar_above_one_is_bit_identical_to_inner(make_inner):
-    ag, inner = AdaptiveGuidance(make_inner(), gamma_bar=1.01), make_inner()
+def test_ag_with_gamma_bar_one_is_bit_identical_to_inner(make_inner):
+    ag, inner = AdaptiveGuidance(make_inner(), gamma_bar=1.0, criterion="eps_cosine"), make_inner()
     n = 4
     ag.begin(3, n)
     inner.begin(3, n)
     for k in range(n):
-        cond, uncond = close_pair(3, 20 + 2 * k, 1e-4)  # cosine ~1: any gamma_bar <= 1 would switch
+        cond, uncond = close_pair(3, 20 + 2 * k, 1e-4)  # cosine ~1: any gamma_bar < 1 would switch
         out_ag, mask_ag = step(ag, k, n, cond, uncond)
         out_in, mask_in = step(inner, k, n, cond, uncond)
         assert torch.equal(out_ag, out_in) and torch.equal(mask_ag, mask_in)
@@ -175,7 +178,7 @@ def test_ag_with_gamma_bar_above_one_is_bit_identical_to_inner(make_inner):
 
 def test_ag_switches_a_sample_off_for_the_rest_of_the_run():
     w, n = 3.0, 4
-    ag = AdaptiveGuidance(CFG(w), gamma_bar=0.99)
+    ag = AdaptiveGuidance(CFG(w), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
     ag.begin(3, n)
     for k in range(n):
         # sample 0 converges (cos ~ 1) from step 1 on; samples 1, 2 keep independent eps (cos ~ 0)
@@ -195,16 +198,100 @@ def test_ag_switches_a_sample_off_for_the_rest_of_the_run():
 
 
 def test_ag_ands_the_inner_mask():
-    ag = AdaptiveGuidance(GuidanceInterval(CFG(3.0), sigma_lo=1.0, sigma_hi=2.0), gamma_bar=-1.0)
+    ag = AdaptiveGuidance(GuidanceInterval(CFG(3.0), sigma_lo=1.0, sigma_hi=2.0), gamma_bar=0.9,
+                          criterion="eps_cosine")
     ag.begin(2, 2)
-    cond, uncond = pair(2, 50)
+    cond, uncond = close_pair(2, 50, 1e-3)  # both rows would switch if measured
     out, mask = step(ag, 0, 2, cond, uncond, sigma=torch.tensor([0.5, 1.5]))
     assert mask.tolist() == [False, True]
-    assert ag.switched_at.tolist() == [
-        -1,
-        0,
-    ]  # only the evaluated row is tested (gamma_bar -1: always switches)
+    assert ag.switched_at.tolist() == [-1, 0]  # only the evaluated row is tested
     assert torch.equal(out[0], cond.x0[0])
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
+def test_ag_defaults_and_the_paper_rule():
+    ag = AdaptiveGuidance(CFG(3.0))
+    assert (ag.criterion, ag.gamma_bar, ag.min_steps, ag.after_switch, ag.refresh_every) == (
+        "x0_cosine", 0.999, 0, "frozen_eps_delta", 4)
+    paper = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
+    assert Guider.from_config(paper.config).config == paper.config
+
+
+def test_ag_criterion_reads_its_own_space():
+    """close_pair: eps nearly equal (cos ~ 1), x0 independent (cos ~ 0). Each criterion records its own cosine."""
+    cond, uncond = close_pair(2, 30, 1e-3)
+    for criterion, switches, ref in (("eps_cosine", True, _cos(cond.eps, uncond.eps)),
+                                     ("x0_cosine", False, _cos(cond.x0, uncond.x0))):
+        ag = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion=criterion)
+        ag.begin(2, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step(ag, 0, 3, cond, uncond)
+        assert bool((ag.switched_at == 0).all()) is switches
+        torch.testing.assert_close(ag.last_gamma, ref.clamp(max=1.0).float(), rtol=0, atol=1e-6)
+
+
+def test_ag_warns_when_every_sample_switches_off_at_step_0():
+    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=0.99, criterion="eps_cosine", **PAPER)
+    ag.begin(2, 3)
+    cond, uncond = close_pair(2, 10, 1e-3)
+    with pytest.warns(UserWarning, match="every sample at step 0"):
+        step(ag, 0, 3, cond, uncond)
+    assert ag.disabled_at_first_step
+    ag.begin(2, 3)  # one sample converged, the other not: no warning, flag reset by begin
+    cond, uncond = close_pair(2, 10, [1e-3, 10.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(ag, 0, 3, cond, uncond)
+    assert not ag.disabled_at_first_step and ag.switched_at.tolist() == [0, -1]
+    step_ag = AdaptiveGuidance(CFG(3.0), criterion="step", min_steps=0, **PAPER)  # Step AG that never guides
+    step_ag.begin(2, 3)
+    with pytest.warns(UserWarning, match="every sample at step 0"):
+        step(step_ag, 0, 3, cond, uncond)
+
+
+def test_step_ag_guides_exactly_the_first_min_steps():
+    w, n = 3.0, 5
+    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, **PAPER)
+    ag.begin(2, n)
+    for k in range(n):
+        cond, uncond = pair(2, 60 + 2 * k)
+        out, mask = step(ag, k, n, cond, uncond)
+        assert mask.tolist() == [k < 2] * 2
+        ref = cond.x0 + (w - 1) * (cond.x0 - uncond.x0) if k < 2 else cond.x0
+        assert torch.equal(out, ref)
+    assert ag.switched_at.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("refresh", [0, 2])
+def test_ag_frozen_eps_delta_equals_cfg_when_the_eps_delta_is_constant(refresh):
+    """If eps_c - eps_u is the same at every step, CFG's eps offset (w - 1)(eps_c - eps_u) is constant too, so
+    freezing it after the switch (refreshed every 2nd step or not) reproduces CFG exactly, from one network
+    evaluation per step where the unconditional pass is skipped."""
+    w, n, b = 3.0, 6, 2
+    d = randn(b, 7, torch.float64)
+    ag = AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, after_switch="frozen_eps_delta",
+                          refresh_every=refresh)
+    cfg, plain = CFG(w), AdaptiveGuidance(CFG(w), criterion="step", min_steps=2, **PAPER)
+    for g in (ag, cfg, plain):
+        g.begin(b, n)
+    for k in range(n):
+        a = 0.3 + 0.1 * k
+        s = math.sqrt(1 - a * a)
+        x_t, eps_c = randn(b, 100 + k, torch.float64), randn(b, 200 + k, torch.float64)
+        cond = Prediction(x0=(x_t - s * eps_c) / a, eps=eps_c)
+        uncond = Prediction(x0=(x_t - s * (eps_c - d)) / a, eps=eps_c - d)
+        sigma = torch.full((b,), s / a, dtype=torch.float64)
+        out, mask = step(ag, k, n, cond, uncond, sigma=sigma)
+        torch.testing.assert_close(out, step(cfg, k, n, cond, uncond, sigma=sigma)[0], rtol=1e-10, atol=1e-10)
+        assert mask.tolist() == [k < 2 or (refresh > 0 and (k - 1) % refresh == 0)] * b  # last guided step: 1
+        if k >= 2:  # the paper's rule drops the offset instead
+            assert torch.equal(step(plain, k, n, cond, uncond, sigma=sigma)[0], cond.x0)
+        else:
+            step(plain, k, n, cond, uncond, sigma=sigma)
 
 
 # --- LinearAG -----------------------------------------------------------------------------------------------
@@ -353,6 +440,12 @@ def test_registry_builds_each_guider():
         (lambda: APG(dims=[0, 1]), "dims"),
         (lambda: LinearAG(math.nan, num_inference_steps=1, coefficients=[[1, 0, 0]]), "guidance_scale"),
         (lambda: AdaptiveGuidance(CFG(), gamma_bar=math.nan), "gamma_bar"),
+        (lambda: AdaptiveGuidance(CFG(), gamma_bar=0.0), "gamma_bar"),
+        (lambda: AdaptiveGuidance(CFG(), gamma_bar=-1.0), "gamma_bar"),
+        (lambda: AdaptiveGuidance(CFG(), gamma_bar=1.01), "gamma_bar"),
+        (lambda: AdaptiveGuidance(CFG(), criterion="l2"), "criterion"),
+        (lambda: AdaptiveGuidance(CFG(), after_switch="zero"), "after_switch"),
+        (lambda: AdaptiveGuidance(CFG(), refresh_every=-1), "refresh_every"),
         (lambda: GuidanceInterval(CFG(), sigma_lo=5.0, sigma_hi=1.0), "sigma_lo"),
         (lambda: GuidanceInterval(CFG(), sigma_lo=-1.0, sigma_hi=1.0), "sigma_lo"),
         (lambda: build_guider("cfgg"), "guider name"),
@@ -383,13 +476,13 @@ def test_state_misuse_raises():
 
 
 def test_ag_min_steps_gate_delays_switching(tmp_path):
-    """With gamma_bar=-1 every measured sample would switch at once; min_steps holds the switch back."""
-    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=-1.0, min_steps=2)
+    """Every measured sample would switch at once (cosine ~1 > 0.9); min_steps holds the switch back."""
+    ag = AdaptiveGuidance(CFG(3.0), gamma_bar=0.9, min_steps=2, criterion="eps_cosine")
     n = 5
     ag.begin(2, n)
     masks = []
     for k in range(n):
-        cond, uncond = pair(2, 40 + k)
+        cond, uncond = close_pair(2, 40 + k, 1e-3)
         masks.append(step(ag, k, n, cond, uncond)[1].tolist())
     assert ag.switched_at.tolist() == [2, 2]
     assert masks == [[True, True]] * 3 + [[False, False]] * 2

@@ -61,16 +61,17 @@ def test_ag_above_one_is_bit_identical_and_low_gamma_skips_rows():
     pipe = _cc_pipe()
     kw = dict(class_labels=[1, 4, 7, 9], num_inference_steps=STEPS, output_type="pt")
     cfg = pipe(guider=CFG(guidance_scale=3.0), generator=torch.Generator().manual_seed(0), **kw)
-    same = pipe(guider=AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=1.01),
+    same = pipe(guider=AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=1.0),
                 generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(cfg.images, same.images) and same.nfe == 2 * STEPS
     counter = _RowCounter(pipe.unet)
-    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=-1.0)   # every sample switches at step 0
+    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), criterion="step", min_steps=1, after_switch="cond",
+                          refresh_every=0)   # guided at step 0 only
     out = pipe(guider=ag, generator=torch.Generator().manual_seed(0), **kw)
     counter.handle.remove()
     assert counter.rows == 4 * (STEPS + 1)   # one unconditional pass per sample, at step 0 only
     assert out.nfe == pytest.approx(STEPS + 1)
-    assert ag.switched_at.tolist() == [0, 0, 0, 0]
+    assert ag.switched_at.tolist() == [1, 1, 1, 1] and not ag.disabled_at_first_step
 
 
 @pytest.mark.parametrize("name", list(_all_guiders()))

@@ -156,12 +156,16 @@ def test_latent_pipeline_end_to_end(sd_pipe, tmp_path):
         sd_pipe(ForwardOnly()(x), ForwardOnly(), num_inference_steps=2)
 
 
-def test_eval_inverse_script_smoke(script, tmp_path):
-    """eval/inverse.py on 6 test digits with 2 steps (the shipped teacher), then its demo section."""
-    mod = script("eval/inverse.py")
+def test_eval_inverse_smoke(tmp_path):
+    """The inverse benchmark (gen.evaluation.inverse, eval/inverse.py) on 6 test digits with 2 steps (the shipped
+    teacher), then its demo section."""
+    from gen.cli import parse_settings
+    from gen.evaluation import inverse as mod
+
     out = tmp_path / "inv.json"
-    result = mod.main(["--task", "inpaint_box", "sr2", "--sigma_y", "0.05", "--num_images", "6", "--steps", "2",
-                       "--num_examples", "3", "--out", str(out)])
+    result = mod.run(parse_settings(mod.InverseSettings, [
+        "--task", "inpaint_box", "sr2", "--sigma_y", "0.05", "--num_images", "6", "--steps", "2",
+        "--num_examples", "3", "--out", str(out)]))
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 6 == len(result["rows"])
     assert {r["method"] for r in rows} == {"pinv", "dps", "reddiff"}

@@ -93,14 +93,17 @@ def test_readme_commands_write_only_where_git_does_not_look():
 def test_eval_defaults_write_under_outputs():
     import dataclasses
 
-    from gen.evaluation import alignprop, bench_teacher, demo, fid, gbm, interpolants, linear_ag  # noqa: F401
+    from gen.evaluation import alignprop, bench_teacher, demo, fdistill, fid, gbm, interpolants, linear_ag  # noqa: F401
     from gen.evaluation.bench_teacher import BenchTeacherSettings
     from gen.evaluation.demo import DemoSettings
     from gen.evaluation.gbm import GBMEvalSettings
+    from gen.evaluation.guidance import GuidanceSettings
     from gen.evaluation.interpolants import InterpolantEvalSettings
+    from gen.evaluation.inverse import InverseSettings
     from gen.evaluation.linear_ag import CalibrationSettings
 
-    for cls in (BenchTeacherSettings, DemoSettings, GBMEvalSettings, InterpolantEvalSettings, CalibrationSettings):
+    for cls in (BenchTeacherSettings, DemoSettings, GBMEvalSettings, InterpolantEvalSettings, CalibrationSettings,
+                GuidanceSettings, InverseSettings):
         out = {f.name: f.default for f in dataclasses.fields(cls)}["out"]
         assert out.startswith("outputs"), (cls.__name__, out)
     text = (ROOT / "eval" / "alignprop.py").read_text()
@@ -108,12 +111,12 @@ def test_eval_defaults_write_under_outputs():
 
 
 def test_eval_scripts_import_the_package_and_load_no_script_by_path():
-    mine = ["alignprop.py", "bench_teacher.py", "calibrate_linear_ag.py", "demo.py", "fid.py", "gbm.py",
-            "interpolants.py"]
-    for name in mine:
-        text = (ROOT / "eval" / name).read_text()
+    scripts = sorted([*(ROOT / "eval").glob("*.py"), *(ROOT / "train").glob("*.py")])
+    assert {"demo.py", "fdistill.py", "guidance.py", "inverse.py"} <= {p.name for p in scripts}
+    for path in scripts:
+        text = path.read_text()
+        name = str(path.relative_to(ROOT))
         assert "sys.path" not in text, name
         assert "tests.conftest" not in text, name
+        assert "spec_from_file_location" not in text, name
         compile(text, name, "exec")
-        if name not in ("demo.py", "alignprop.py"):  # demo.py / alignprop.py: TEMPORARY loads, see their docstrings
-            assert "spec_from_file_location" not in text, name

@@ -93,13 +93,13 @@ def op_single(op, i):
     return Inpainting(op.mask[i:i + 1] if op.mask.shape[0] > 1 else op.mask, sigma_y=op.sigma_y)
 
 
-def run_averaged(model, pred_type, sched, op, y, x_init, timesteps, lam, weighting, lr, seed=0):
+def run_averaged(model, pred_type, sched, op, y, x_init, timesteps, lam, weighting, lr, seed=0, optimizer="adam"):
     """RED-Diff, returning the final mu and the mean of mu over the second half of the steps."""
     iterates = []
     n = len(timesteps)
     mu = red_diff(eps_predictor(model, pred_type, sched), op, y, x_init,
                   lambda t: alpha_sigma(sched, t, ndim=4, dtype=torch.float64), timesteps, lr=lr, lam=lam,
-                  weighting=weighting, generator=torch.Generator().manual_seed(seed),
+                  weighting=weighting, generator=torch.Generator().manual_seed(seed), optimizer=optimizer,
                   callback=lambda i, t, mu: iterates.append(mu.clone()) if i >= n // 2 else None)
     return mu, torch.stack(iterates).mean(0)
 
@@ -131,9 +131,11 @@ def test_gaussian_eps_predictor_is_the_conditional_mean():
         assert float(pred) == pytest.approx(s * (0.3 - a * m) / (a**2 * S**2 + s**2), rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sr2", "inpaint", "blur"])
-def test_reddiff_fixed_t_converges_to_gaussian_stationary_point(name):
-    """At a fixed t with the paper's linear weighting, RED-Diff settles at (w H^T H + p_t I)^-1 (w H^T y + p_t m)."""
+@pytest.mark.parametrize(("name", "optimizer", "lr"), [("sr2", "adam", 0.01), ("inpaint", "adam", 0.01),
+                                                     ("blur", "adam", 0.01), ("inpaint", "sgd", 0.2)])
+def test_reddiff_fixed_t_converges_to_gaussian_stationary_point(name, optimizer, lr):
+    """At a fixed t with the paper's linear weighting, RED-Diff settles at (w H^T H + p_t I)^-1 (w H^T y + p_t m),
+    whichever optimizer moves mu (the stationary point of the expected loss does not depend on it)."""
     sched, op, m = scheduler(), operators()[name], prior_mean()
     x = m + S * torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y = op.forward(x)
@@ -142,7 +144,7 @@ def test_reddiff_fixed_t_converges_to_gaussian_stationary_point(name):
     p = lam * (s / a) * a * s / (a**2 * S**2 + s**2)  # lambda_t = lam * sigma / alpha (linear)
     expected = stationary_point(op, y, m, 1.0, p)
     _, avg = run_averaged(gaussian_model(m, sched, "epsilon"), "epsilon", sched, op, y, op.pinv(y, SHAPE),
-                          torch.full((600,), t0), lam, "linear", lr=0.01)
+                          torch.full((600,), t0), lam, "linear", lr=lr, optimizer=optimizer)
     err, rms = float((avg - expected).abs().max()), float((avg - expected).pow(2).mean().sqrt())
     # the answer is not the data fit alone, nor the MAP of the true prior (precision 1/s^2 instead of p_t)
     wrong_prior = stationary_point(op, y, m, 1.0, 1 / S**2)
@@ -372,3 +374,25 @@ def test_snr_weightings_and_grid():
     assert reddiff_timesteps(4, 1000, t_max=499, t_min=100).tolist() == [400, 300, 200, 100]
     with pytest.raises(ValueError, match="t_min"):
         reddiff_timesteps(4, 1000, t_max=2000)
+
+
+def test_reddiff_sgd_step_is_a_plain_gradient_step_and_bad_optimizer_raises():
+    """One SGD step from mu0 is mu0 - lr (w H^T (H mu0 - y) + lambda_t (eps_hat - eps)), recomputed here."""
+    sched, m, op = scheduler(), prior_mean(), SuperResolution(2)
+    y = op.forward(m + 0.2)
+    model = gaussian_model(m, sched, "epsilon")
+    mu0 = op.pinv(y, SHAPE) + 0.1
+    t = torch.tensor([700])
+    lr, lam = 0.3, 0.5
+    got = red_diff(eps_predictor(model, "epsilon", sched), op, y, mu0,
+                   lambda tt: alpha_sigma(sched, tt, ndim=4, dtype=torch.float64), t, lr=lr, lam=lam,
+                   weighting="const", generator=torch.Generator().manual_seed(3), optimizer="sgd")
+    eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float32).double()
+    a, s = alpha_sigma(sched, t.expand(SHAPE[0]), ndim=4, dtype=torch.float64)
+    eps_hat = model(a * mu0 + s * eps, t)
+    mu = mu0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(0.5 * (y - op.forward(mu)).pow(2).sum(), mu)
+    torch.testing.assert_close(got, mu0 - lr * (g + lam * (eps_hat - eps)))
+    with pytest.raises(ValueError, match="optimizer"):
+        red_diff(eps_predictor(model, "epsilon", sched), op, y, mu0,
+                 lambda tt: alpha_sigma(sched, tt, ndim=4, dtype=torch.float64), t, optimizer="lbfgs")

@@ -79,7 +79,8 @@ def test_nfe_counts_evaluated_rows():
     sched.set_timesteps(6)
     adapter = ClassUNetAdapter(counter)
     cond = adapter.class_conditioning(torch.tensor([1, 2, 3, 4]))
-    ag = AdaptiveGuidance(inner=CFG(3.0), gamma_bar=-1.0, min_steps=2)  # every sample switches off at step 2
+    # Step AG, the paper's after-switch rule: every sample is guided at steps 0-2 and conditional-only after
+    ag = AdaptiveGuidance(inner=CFG(3.0), criterion="step", min_steps=3, after_switch="cond", refresh_every=0)
     res = denoise(adapter, sched, torch.randn(4, 1, 16, 16), 6, cond, ag)
     assert counter.rows == [8, 8, 8, 4, 4, 4]  # guided to step 2 inclusive, conditional-only after
     assert res.nfe == sum(counter.rows) / 4 == 9.0

@@ -9,8 +9,6 @@ The objective (critic every iteration, student every ``student_update_freq``) is
 """
 
 from gen.cli import run_main
-from gen.distill.training import FDistillTrainConfig  # noqa: F401  (read by eval/fdistill.py)
-from gen.distill.training import toy_teacher as _toy_teacher  # noqa: F401  (read by eval/fdistill.py)
 from gen.training import train
 
 

@@ -8,6 +8,10 @@ The constants follow FFJORD (Grathwohl et al., 2019, ``lib/toy_data.py``), the u
 * ``25gaussians``: equal-weight mixture of 25 isotropic Gaussians with centres on the grid
   ``{-2, -1, 0, 1, 2}^2 / (2 * sqrt(2))`` and standard deviation ``0.05 / (2 * sqrt(2))`` (about 0.0177).
   Mean 0, covariance ``(2 / 8 + std^2) I``.
+* ``8gaussians_imbalanced``: the 8 centres of ``8gaussians`` with standard deviation 0.1 and mode weights
+  spanning 20x, large and small modes alternating around the circle: ``(0.30, 0.015, 0.20, 0.045, 0.15, 0.07,
+  0.12, 0.10)`` at angles ``0, pi/4, ...`` (a mode-coverage stress test: a student that drops or starves the
+  0.015 and 0.045 modes shows it in their recall).
 * ``checkerboard``: uniform on the 8 "black" 2x2 squares of a 4x4 board covering ``[-4, 4)^2``; a square with
   lower-left corner ``(2i, 2j)`` is black when ``i + j`` is even. Density ``1 / 32`` there, 0 elsewhere.
 * ``moons``: two interleaved half circles (as in ``sklearn.datasets.make_moons``) with Gaussian noise of
@@ -21,7 +25,8 @@ import math
 
 import torch
 
-TOY_NAMES = ("8gaussians", "25gaussians", "checkerboard", "moons")
+TOY_NAMES = ("8gaussians", "8gaussians_imbalanced", "25gaussians", "checkerboard", "moons")
+MIXTURE_NAMES = ("8gaussians", "8gaussians_imbalanced", "25gaussians")
 
 EIGHT_GAUSSIANS_RADIUS = 2.0 * math.sqrt(2.0)
 EIGHT_GAUSSIANS_STD = 0.5 / math.sqrt(2.0)
@@ -31,6 +36,8 @@ CHECKERBOARD_SQUARE = 2.0
 CHECKERBOARD_HALF_WIDTH = 4.0
 MOONS_NOISE = 0.1
 MOONS_SCALE = 2.0
+IMBALANCED_STD = 0.1
+IMBALANCED_WEIGHTS = (0.30, 0.015, 0.20, 0.045, 0.15, 0.07, 0.12, 0.10)
 
 
 def _check_name(name: str) -> None:
@@ -39,29 +46,55 @@ def _check_name(name: str) -> None:
 
 
 def mixture_params(name: str) -> tuple[torch.Tensor, float]:
-    """Centres and common standard deviation of the Gaussian-mixture toys.
+    """Centres and common standard deviation of the Gaussian-mixture toys (weights: :func:`mixture_weights`).
 
     Args:
-        name: ``"8gaussians"`` or ``"25gaussians"``.
+        name: one of :data:`MIXTURE_NAMES`.
 
     Returns:
-        centres: float32 [K, 2] (K = 8 or 25), equal weights 1/K.
+        centres: float32 [K, 2] (K = 8 or 25).
         std: Standard deviation of every isotropic component.
     """
-    if name == "8gaussians":
+    if name in ("8gaussians", "8gaussians_imbalanced"):
         angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4.0)
         centres = EIGHT_GAUSSIANS_RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-        return centres.float(), EIGHT_GAUSSIANS_STD
+        return centres.float(), (EIGHT_GAUSSIANS_STD if name == "8gaussians" else IMBALANCED_STD)
     if name == "25gaussians":
         grid = torch.arange(-2, 3, dtype=torch.float32) * TWENTY_FIVE_GAUSSIANS_SPACING
         gx, gy = torch.meshgrid(grid, grid, indexing="ij")
         return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1), TWENTY_FIVE_GAUSSIANS_STD
-    raise ValueError(f"name must be '8gaussians' or '25gaussians' for mixture_params, got {name!r}")
+    raise ValueError(f"name must be one of {MIXTURE_NAMES} for mixture_params, got {name!r}")
+
+
+def check_mixture_weights(weights, num_components: int | None = None) -> torch.Tensor:
+    """Mixture weights as float64 [K] summing to 1; ``ValueError`` unless every weight is finite and > 0 (and there
+    are ``num_components`` of them, when given)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.ndim != 1 or w.numel() == 0:
+        raise ValueError(f"mixture weights must be a non-empty 1-D sequence; got shape {tuple(w.shape)}")
+    if num_components is not None and w.numel() != num_components:
+        raise ValueError(f"got {w.numel()} mixture weights for {num_components} components")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"mixture weights must be finite and > 0; got {w.tolist()}")
+    return w / w.sum()
+
+
+def mixture_weights(name: str) -> torch.Tensor:
+    """Mixture weights [K] (float64, sum 1) of a Gaussian-mixture toy: uniform except ``8gaussians_imbalanced``."""
+    centres, _ = mixture_params(name)
+    if name == "8gaussians_imbalanced":
+        return check_mixture_weights(IMBALANCED_WEIGHTS, centres.shape[0])
+    return torch.full((centres.shape[0],), 1.0 / centres.shape[0], dtype=torch.float64)
 
 
 def _sample_mixture(name: str, n: int, generator: torch.Generator | None) -> torch.Tensor:
     centres, std = mixture_params(name)
-    component = torch.randint(0, centres.shape[0], (n,), generator=generator)
+    weights = mixture_weights(name)
+    if name == "8gaussians_imbalanced":
+        component = torch.multinomial(weights, n, replacement=True, generator=generator) if n else \
+            torch.zeros(0, dtype=torch.long)
+    else:  # equal weights: the historical sampler (same samples for the same seed as before)
+        component = torch.randint(0, centres.shape[0], (n,), generator=generator)
     return centres[component] + std * torch.randn(n, 2, generator=generator)
 
 
@@ -99,7 +132,7 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> t
     _check_name(name)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if name in ("8gaussians", "25gaussians"):
+    if name in MIXTURE_NAMES:
         return _sample_mixture(name, n, generator)
     if name == "checkerboard":
         return _sample_checkerboard(n, generator)
@@ -109,11 +142,11 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> t
 def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor:
     """Exact log density of a toy distribution.
 
-    Mixtures: log p(x) = logsumexp_k [log N(x; c_k, std^2 I)] - log K.
+    Mixtures: log p(x) = logsumexp_k [log pi_k + log N(x; c_k, std^2 I)] (pi_k = 1/K for the equal ones).
     Checkerboard: log p(x) = -log 32 on the black squares, -inf elsewhere.
 
     Args:
-        name: ``"8gaussians"``, ``"25gaussians"`` or ``"checkerboard"``.
+        name: one of :data:`MIXTURE_NAMES` or ``"checkerboard"``.
         x: Points, float [..., 2].
 
     Returns:
@@ -124,8 +157,8 @@ def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor:
     """
     _check_name(name)
     if name == "moons":
-        raise ValueError("toy_log_prob has no closed form for name='moons'; use '8gaussians', "
-                         "'25gaussians' or 'checkerboard'")
+        raise ValueError("toy_log_prob has no closed form for name='moons'; use one of "
+                         f"{MIXTURE_NAMES} or 'checkerboard'")
     if x.shape[-1] != 2:
         raise ValueError(f"x must have shape [..., 2], got {tuple(x.shape)}")
     if not torch.is_floating_point(x):
@@ -142,4 +175,5 @@ def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor:
     centres = centres.to(device=x.device, dtype=x.dtype)
     sq_dist = ((x.unsqueeze(-2) - centres) ** 2).sum(dim=-1)  # [..., K]
     log_normal = -0.5 * sq_dist / std**2 - math.log(2.0 * math.pi * std**2)
-    return torch.logsumexp(log_normal, dim=-1) - math.log(centres.shape[0])
+    log_w = mixture_weights(name).log().to(device=x.device, dtype=x.dtype)
+    return torch.logsumexp(log_normal + log_w, dim=-1)

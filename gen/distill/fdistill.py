@@ -572,7 +572,28 @@ class FDistill:
             loss = loss + self.s.gan_loss_weight * loss_gan
         logs.update({"loss_dm": loss_dm.detach(), "loss_gan": loss_gan.detach(), "r_mean": r.mean(),
                      "h_min": h.min(), "h_max": h.max(), "logit_mean": logits.detach().float().mean()})
+        logs.update(per_bin_statistics(h, r, inner.ratio_bins.bin_of(t).to(h.device), inner.ratio_bins.num_bins))
         return loss, logs
+
+
+def per_bin_statistics(h: torch.Tensor, r: torch.Tensor, bins: torch.Tensor, num_bins: int) -> dict:
+    """Per time bin ``k`` of this batch: ``h_bin{k}`` / ``h_std_bin{k}`` (mean and standard deviation of the
+    normalised weight h), ``h_max_bin{k}``, ``r_bin{k}`` (mean of the clipped ratio r before the per-bin
+    normalisation) and ``n_bin{k}`` (samples); bins without samples are left out. Logged by the trainer, so a run
+    shows where in time, and how unequally, the f-weighting reweights samples. (With the per-bin normalisation of
+    r, the mean of ``h = r`` (forward KL) is 1 in every bin by construction: the spread is what differs.)"""
+    out = {}
+    h, r = h.detach().float(), r.detach().float().to(h.device)
+    for k in range(num_bins):
+        sel = bins == k
+        n = int(sel.sum())
+        if n:
+            out[f"h_bin{k}"] = h[sel].mean()
+            out[f"h_std_bin{k}"] = h[sel].std(unbiased=False)
+            out[f"h_max_bin{k}"] = h[sel].max()
+            out[f"r_bin{k}"] = r[sel].mean()
+            out[f"n_bin{k}"] = n
+    return out
 
 
 def _cat_cond(a: dict | None, b: dict | None) -> dict:

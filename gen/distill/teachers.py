@@ -39,7 +39,7 @@ FAMILIES = {
     "sd": "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
     "sdxl": "SDXL (StableDiffusionXLPipeline)",
     "sd3": "SD3-style flow transformer (StableDiffusion3Pipeline, e.g. SD3-medium)",
-    "toy": "toy:<8gaussians|25gaussians> (an exact 2-D mixture score)",
+    "toy": "toy:<8gaussians|8gaussians_imbalanced|25gaussians> (an exact 2-D mixture score)",
 }
 TEXT_FAMILIES = ("sd", "sdxl", "sd3")
 LATENT_FAMILIES = ("dit", "sd", "sdxl", "sd3")

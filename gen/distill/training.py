@@ -13,9 +13,10 @@ the critic trains on, and on a student iteration the same output (with its graph
 Teachers (:mod:`gen.distill.teachers`): every family the sampling core supports: a ``ClassConditionalPipeline``
 (e.g. ``checkpoints/digits-teacher``), a one-sided ``InterpolantPipeline`` (``checkpoints/digits-interpolant``),
 DiT, Stable Diffusion 1.x/2.x, SDXL and SD3-style flow transformers (folders or hub ids; text prompts from
-``prompts_file``, real images from ``data_dir``), or ``toy:<8gaussians|25gaussians>`` (an exact 2-D mixture score;
-the fake score is fitted to it first). Export: the family's one-step pipeline (LoRA merged) or, for toys,
-``generator/`` (a ``TimeMLP``) with ``one_step.json``.
+``prompts_file``, real images from ``data_dir``), or ``toy:<name>`` with a Gaussian-mixture toy of
+:data:`gen.data.toys.MIXTURE_NAMES` (an exact 2-D mixture score, with the toy's mixture weights; the fake score is
+fitted to it first). Export: the family's one-step pipeline (LoRA merged) or, for toys, ``generator/`` (a
+``TimeMLP``) with ``one_step.json``.
 
 Networks. Full fine-tuning (``lora_rank: 0``): the student and the fake score are copies of the teacher. With LoRA,
 by default (``lora_shared_base``) they are two peft adapters over ONE frozen copy of the teacher's weights
@@ -50,7 +51,7 @@ class FDistillTrainConfig(TrainConfig):
     teacher: str = dataclasses.field(
         default="checkpoints/digits-teacher",
         metadata={"help": "teacher pipeline folder / hub id (class UNet, interpolant, DiT, SD 1.x/2.x, SDXL, SD3), or "
-                          "toy:<8gaussians|25gaussians>"})
+                          "toy:<8gaussians|8gaussians_imbalanced|25gaussians>"})
     dataset: str = dataclasses.field(default="digits16",
                                      metadata={"help": "real data for the discriminator: digits16 | folder | toy"})
     data_dir: str | None = dataclasses.field(default=None, metadata={"help": "image folder (dataset=folder)"})
@@ -146,14 +147,14 @@ def toy_teacher(cfg: FDistillTrainConfig):
     """``(GaussianMixtureTeacher, DDPMScheduler)`` of a ``teacher: toy:<name>`` config."""
     from diffusers import DDPMScheduler
 
-    from gen.data.toys import mixture_params
+    from gen.data.toys import mixture_params, mixture_weights
 
     from .toy import GaussianMixtureTeacher
 
     name = cfg.teacher[len(TOY_PREFIX):]
     centres, std = mixture_params(name)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, clip_sample=False)
-    return GaussianMixtureTeacher(centres, cfg.toy_std or std, sched), sched
+    return GaussianMixtureTeacher(centres, cfg.toy_std or std, sched, weights=mixture_weights(name)), sched
 
 
 def load_student_init(path: str):

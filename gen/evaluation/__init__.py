@@ -9,10 +9,13 @@ module                                 script / use
 :mod:`gen.evaluation.fid`              ``eval/fid.py``: FID / KID / class accuracy of a pipeline, folder or split
 :mod:`gen.evaluation.linear_ag`        ``eval/calibrate_linear_ag.py``: LinearAG coefficients
 :mod:`gen.evaluation.bench_teacher`    ``eval/bench_teacher.py``: the teacher's FID and the pipeline overhead
+:mod:`gen.evaluation.guidance`         ``eval/guidance.py``: CFG vs APG over scales, AG / Step AG / LinearAG vs CFG
+:mod:`gen.evaluation.inverse`          ``eval/inverse.py``: RED-Diff vs DPS vs pinv, the tuning search, timing
 :mod:`gen.evaluation.gbm`              ``eval/gbm.py``: multiplicative diffusion against the additive teacher
 :mod:`gen.evaluation.interpolants`     ``eval/interpolants.py``: 2-D side by side with torchcfm, digits, bridge
 :mod:`gen.evaluation.alignprop`        ``eval/alignprop.py``: reward curve, memory against K, TRL side by side
 :mod:`gen.evaluation.inverse_priors`   ``eval/inverse_priors.py``: RED-Diff / DPS, digits interpolant vs teacher
+:mod:`gen.evaluation.fdistill`         ``eval/fdistill.py``: 2-D mode coverage, digits students vs the teacher
 :mod:`gen.evaluation.bench_fdistill`   ``eval/bench_fdistill.py``: f-distill passes and time, copies held, memory
 :mod:`gen.evaluation.fdistill_flow`    ``eval/fdistill_flow.py``: the digits-interpolant student against its ODE
 =====================================  ========================================================================

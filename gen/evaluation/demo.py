@@ -1,7 +1,8 @@
 """`make demo`: what `gen` does, on the models it ships, on a CPU in a few minutes (``eval/demo.py``).
 
 Each method has a section, a function ``section(out, settings) -> dict`` that writes labelled images and JSON under
-``out``; :data:`SECTIONS` lists them in order and :func:`run` runs them (``only``: a subset).
+``out`` (most live with their benchmark as ``gen.evaluation.<method>.demo_section``); :data:`SECTIONS` lists them
+in order and :func:`run` runs them (``only``: a subset).
 """
 
 from __future__ import annotations
@@ -111,10 +112,9 @@ def section_guidance(out: Path, settings) -> dict:
         "nfe_saving": round(1 - ag.nfe / base.nfe, 4),
         "psnr_vs_cfg_db": round(float(psnr(ag.images * 2 - 1, base.images * 2 - 1, data_range=2.0).mean()), 2)}}
     (out / "guidance.json").write_text(json.dumps(result, indent=2))
-    logger.info("AG (gamma_bar=%g, min_steps=%d) at w=%g: %.2f network evaluations per image vs %d for CFG "
-                "(%.0f%% saved), PSNR %.1f dB against the CFG images", config["ag"]["gamma_bar"],
-                config["ag"]["min_steps"], w_ag, ag.nfe, base.nfe,
-                100 * result["ag"]["nfe_saving"], result["ag"]["psnr_vs_cfg_db"])
+    logger.info("AG (%s) at w=%g: %.2f network evaluations per image vs %d for CFG (%.0f%% saved), PSNR %.1f dB "
+                "against the CFG images", ", ".join(f"{k}={v}" for k, v in config["ag"].items()), w_ag, ag.nfe,
+                base.nfe, 100 * result["ag"]["nfe_saving"], result["ag"]["psnr_vs_cfg_db"])
     return {"grid": str(path), **result["ag"]}
 
 
@@ -142,9 +142,21 @@ def _alignprop(out: Path, settings) -> dict:
     return demo_section(out, settings)
 
 
-# name -> section; eval/demo.py adds the inverse and f-distill sections (still in their scripts) in order
-SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _families, "gbm": _gbm,
-            "interpolants": _interpolants, "alignprop": _alignprop}
+def _inverse(out: Path, settings) -> dict:
+    from gen.evaluation.inverse import demo_section
+
+    return demo_section(out, settings)
+
+
+def _fdistill(out: Path, settings) -> dict:
+    from gen.evaluation.fdistill import demo_section
+
+    return demo_section(out, settings)
+
+
+# name -> section, in the order `make demo` runs them
+SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _families, "inverse": _inverse,
+            "gbm": _gbm, "interpolants": _interpolants, "fdistill": _fdistill, "alignprop": _alignprop}
 
 
 def run(settings: DemoSettings, sections: dict | None = None) -> dict:

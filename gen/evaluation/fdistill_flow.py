@@ -6,8 +6,8 @@ Rows: FID-digits and class accuracy exactly as the interpolant's benchmark rows 
 ``batch``, features of the shipped digits classifier against the 360 digits16-test images), for every seed in
 ``seeds`` (mean and standard deviation), and sampling throughput (images per second, median of ``timing_repeats``
 runs of ``timing_batch`` images, ``threads`` torch threads). The student is a ``OneStepPipeline`` folder, or the EMA
-weights of a training checkpoint (``--checkpoint``, to follow a run). The real-data floor (500 training digits) is
-listed too.
+weights of a training checkpoint (``--checkpoint``, to follow a run; read by
+:func:`gen.distill.students.student_from_checkpoint`). The real-data floor (500 training digits) is listed too.
 
 Writes ``results.json``, ``rows.md`` and ``samples.png`` (rows: the student, the ODE at each NFE; columns: the ten
 classes) under ``out``.
@@ -21,7 +21,6 @@ import logging
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -54,33 +53,6 @@ class FDistillFlowSettings:
             raise ValueError("num_samples must be >= 10 and batch >= 1")
 
 
-def student_from_checkpoint(folder, interpolant: str):
-    """A ``OneStepPipeline`` with the EMA student weights of an f-distill training checkpoint (full fine-tuning) of
-    the interpolant teacher; the generator settings are read from the run's ``config.yaml``."""
-    import yaml
-    from safetensors import safe_open
-
-    from pipelines import InterpolantPipeline, OneStepPipeline
-
-    folder = Path(folder)
-    cfg = yaml.safe_load((folder.parents[1] / "config.yaml").read_text())
-    teacher = InterpolantPipeline.from_pretrained(interpolant)
-    sd = teacher.unet.state_dict()
-    found = 0
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-                if key.startswith("student.ema."):
-                    sd[key[len("student.ema."):]].copy_(f.get_tensor(key))
-                    found += 1
-    if found != len([k for k, v in sd.items() if v.is_floating_point()]):
-        raise ValueError(f"{str(folder)!r} holds {found} EMA student tensors; expected one per UNet tensor (a run "
-                         "with full fine-tuning and ema_decay > 0)")
-    return OneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler,
-                           generator_timestep=cfg["generator_timestep"],
-                           generator_prediction=cfg.get("generator_prediction", "scheduler"))
-
-
 def _sample(pipe, settings, seed, **kw):
     labels = torch.arange(settings.num_samples) % 10
     gen = torch.Generator().manual_seed(seed)
@@ -107,6 +79,7 @@ def _throughput(pipe, settings, **kw) -> float:
 def run(settings: FDistillFlowSettings, command: str = "") -> dict:
     from gen.data.digits import load_digits16
     from gen.data.images import save_labelled_grid, to_uint8
+    from gen.distill.students import student_from_checkpoint
     from gen.metrics import build_feature_extractor
     from gen.metrics.evaluate import compute_fid_for_images
     from pipelines import InterpolantPipeline, OneStepPipeline
@@ -116,7 +89,7 @@ def run(settings: FDistillFlowSettings, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     interp = InterpolantPipeline.from_pretrained(str(repo_path(settings.interpolant)))
     if settings.checkpoint:
-        student = student_from_checkpoint(repo_path(settings.checkpoint), str(repo_path(settings.interpolant)))
+        student = student_from_checkpoint(repo_path(settings.checkpoint), teacher=str(repo_path(settings.interpolant)))
         source = str(settings.checkpoint)
     else:
         student = OneStepPipeline.from_pretrained(str(repo_path(settings.student)))

@@ -6,8 +6,9 @@ DDIM), the interpolant a linear one-sided stochastic interpolant (velocity predi
 t = 1). Both run through ``pipelines.RedDiffPipeline``: RED-Diff takes its noising, ``eps_hat`` and its grid from
 each prior's prediction space (``gen.inverse.reddiff_grid``), DPS runs each prior's own sampler with the DPS hook.
 
-Tasks: those of ``eval/inverse.py`` (definitions read from ``configs/inverse_digits.yaml``'s ``tasks``) at one noise
-level ``sigma_y``; both priors run unconditionally (null class) at the same number of steps.
+Tasks: those of ``eval/inverse.py`` (:func:`gen.evaluation.inverse.task_operator`, definitions read from
+``configs/inverse_digits.yaml``'s ``tasks``) at one noise level ``sigma_y``; both priors run unconditionally (null
+class) at the same number of steps.
 
 Tuning, the same for both priors, on the first ``tune_images`` *train* images, best mean PSNR per (prior, task,
 method): RED-Diff over ``weighting const x noise_max x lr x lam`` (``noise_max`` 0.501 / 0.251 are the teacher's
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from gen.evaluation import REPO_ROOT, machine, option, output_path, repo_path
+from gen.evaluation.inverse import slice_operator, task_operator
 
 logger = logging.getLogger("gen.evaluation.inverse_priors")
 
@@ -94,34 +96,6 @@ class InversePriorsSettings:
 
 
 # --- tasks and priors -----------------------------------------------------------------------------------------------
-def task_operator(task: str, sigma_y: float, num_images: int, tasks: dict, seed: int = 0):
-    """The measurement operator of ``task`` (as ``eval/inverse.py`` defines it) for ``num_images`` 16x16 images."""
-    from gen.inverse import GaussianBlur, Inpainting, SuperResolution
-
-    cfg = tasks[task]
-    if task == "inpaint_box":
-        return Inpainting.box((16, 16), cfg["box_size"], sigma_y=sigma_y)
-    if task == "inpaint_random":
-        return Inpainting.random_pixels((16, 16), cfg["missing"], seed=seed, batch=num_images, sigma_y=sigma_y)
-    if task == "sr2":
-        return SuperResolution(cfg["factor"], kind=cfg["kind"], sigma_y=sigma_y)
-    rcond = cfg["rcond"]
-    if isinstance(rcond, dict):  # per noise level
-        match = [v for k, v in rcond.items() if abs(float(k) - sigma_y) < 1e-9]
-        if not match:
-            raise ValueError(f"no deblur_gauss rcond for sigma_y={sigma_y}; configured: {sorted(rcond)}")
-        rcond = match[0]
-    return GaussianBlur(cfg["kernel_size"], cfg["blur_sigma"], sigma_y=sigma_y, rcond=float(rcond))
-
-
-def _slice(op, start, stop):
-    from gen.inverse import Inpainting
-
-    if isinstance(op, Inpainting) and op.mask.shape[0] > 1:
-        return Inpainting(op.mask[start:stop], sigma_y=op.sigma_y)
-    return op
-
-
 def load_priors(settings) -> dict:
     """``{prior: {"reddiff": (pipe, {}), "dps:ode": (pipe, kwargs), "dps:sde": (pipe, kwargs), "pinv": ...}}``: the
     pipeline and fixed call arguments of each method variant."""
@@ -151,7 +125,7 @@ def restore(pipe, op, y, method: str, steps: int, params: dict, seed: int, batch
     chunks, nfe, t0 = [], 0, time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, y.shape[0], batch_size):
-        out = pipe(y[start:start + batch_size], _slice(op, start, start + batch_size), method=method,
+        out = pipe(y[start:start + batch_size], slice_operator(op, start, start + batch_size), method=method,
                    num_inference_steps=steps, generator=gen, output_type="pt", **params)
         chunks.append(out.images * 2 - 1)
         nfe = out.nfe

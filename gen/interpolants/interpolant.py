@@ -263,7 +263,7 @@ class Interpolant:
     # ---------------------------------------------------------------------------------------------- conversions
     def means(self, pred, src, x, c: Coefficients, x0):
         """Conditional means ``(E[x0|x], E[x1|x], E[z|x])`` implied by one prediction (float64 maths)."""
-        a, b, g, ad, bd, gd = (_bc(v, x) for v in (c.alpha, c.beta, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
+        a, b, g, ad, bd, gd = (bcast(v, x) for v in (c.alpha, c.beta, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
         p = pred.double()
         x = x.double()
         if self.kind == "one_sided":
@@ -315,7 +315,7 @@ class Interpolant:
         return x0.expand_as(x), m1, mz
 
     def from_means(self, m0, m1, mz, dst, c: Coefficients, x):
-        a, g, ad, bd, gd = (_bc(v, x) for v in (c.alpha, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
+        a, g, ad, bd, gd = (bcast(v, x) for v in (c.alpha, c.gamma, c.alpha_dot, c.beta_dot, c.gamma_dot))
         if dst == "x1":
             return m1
         if dst == "velocity":
@@ -372,7 +372,7 @@ class Interpolant:
     def _convert_two_sided_free(self, pred, src, dst, x, c, score):
         if src == dst:
             return pred
-        g, ggd = _bc(c.gamma, x), _bc(c.gamma_gamma_dot, x)
+        g, ggd = bcast(c.gamma, x), bcast(c.gamma_gamma_dot, x)
         pair = {src, dst}
         if pair == {"score", "noise"}:
             p = pred.double()
@@ -392,7 +392,7 @@ class Interpolant:
         return b, s
 
 
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a [B] or scalar coefficient to broadcast against ``like`` [B, ...] (float64, like's device)."""
     v = v.to(like.device)
     if v.ndim == 0:

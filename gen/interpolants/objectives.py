@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .interpolant import Interpolant, _bc, canonical_prediction
+from .interpolant import Interpolant, bcast, canonical_prediction
 
 WEIGHTINGS = ("none", "noise", "velocity", "likelihood")
 
@@ -108,7 +108,7 @@ class InterpolantLoss:
         n = x0 if interp.kind == "one_sided" else z
         if self.prediction == "noise":
             return xt, n
-        sig = _bc(interp.noise_coefficient(c), x1).to(x1.dtype)
+        sig = bcast(interp.noise_coefficient(c), x1).to(x1.dtype)
         if (sig == 0).any():
             raise ValueError("score target -n/sigma_n is infinite at t where sigma_n = 0; use t_min/t_max inside "
                              "(0, 1) (Interpolant.safe_interval)")
@@ -141,7 +141,7 @@ class InterpolantLoss:
         tt = t.to(device=x1.device, dtype=torch.float32)
         c = interp.coefficients(t, check=False)  # t was drawn in, or checked into, [0, 1]
         xt, target = self.targets(t, x1, x0, z, c)
-        w = None if self.weighting == "none" else _bc(self.weight(t), x1)
+        w = None if self.weighting == "none" else bcast(self.weight(t), x1)
         per = self._mean_sq(model_fn(xt, tt), target, w)
         if self.antithetic:
             if interp.kind == "one_sided":

@@ -49,10 +49,11 @@ from gen.diffusion.space import Frame, PredictionSpace, prediction_space
 
 from .operators import Operator
 
-__all__ = ["SUPPORTED_PRIORS", "WEIGHTINGS", "RedDiffSolver", "eps_predictor", "prior_space", "red_diff",
+__all__ = ["OPTIMIZERS", "SUPPORTED_PRIORS", "WEIGHTINGS", "RedDiffSolver", "eps_predictor", "prior_space", "red_diff",
            "reddiff_grid", "reddiff_timesteps", "run_red_diff", "snr_weight"]
 
 WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip_linear", "const")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def snr_weight(weighting: str | Callable, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -259,7 +260,7 @@ class RedDiffSolver:
         schedule: ``t [B] -> (alpha_t, sigma_t)``, broadcastable against ``mu`` (legacy; None with ``prior``).
         timesteps: 1-D descending grid in the prior's timesteps (:func:`reddiff_grid`, :func:`reddiff_timesteps`).
         prediction_type: the network's prediction space with ``schedule`` (converted to ``eps_hat`` at ``x_t``).
-        lr, lam, weighting, obs_weight, adam_betas, generator, decode: see :func:`red_diff`.
+        lr, lam, weighting, obs_weight, adam_betas, generator, decode, optimizer: see :func:`red_diff`.
         prior: the prior's scheduler or prediction space (instead of ``schedule``/``prediction_type``).
     """
 
@@ -269,8 +270,11 @@ class RedDiffSolver:
                  timesteps=None, prediction_type: str = "epsilon", lr: float = 0.25, lam: float = 0.25,
                  weighting: str | Callable = "linear", obs_weight: float | None = None,
                  adam_betas: tuple[float, float] = (0.9, 0.99), generator: torch.Generator | None = None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, prior=None):
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, prior=None,
+                 optimizer: str = "adam"):
         check_reddiff_settings(lr, lam, weighting)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if (schedule is None) == (prior is None):
             raise ValueError("give the prior as prior= (its scheduler) or as schedule= with prediction_type=, "
                              "exactly one of them")
@@ -296,7 +300,10 @@ class RedDiffSolver:
         self.generator = generator
         self.timesteps = timesteps
         self.mu = x_init.detach().clone().requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.mu], lr=lr, betas=adam_betas, weight_decay=0.0)
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam([self.mu], lr=lr, betas=adam_betas, weight_decay=0.0)
+        else:
+            self.optimizer = torch.optim.SGD([self.mu], lr=lr)
         self.last_frame: _RedDiffFrame | None = None
 
     @property
@@ -307,7 +314,7 @@ class RedDiffSolver:
         return _RedDiffSpace(self)
 
     def step(self, model_output, timestep, sample, return_dict: bool = False):
-        """One Adam step on ``mu`` from the (guided) network output at this frame; returns ``(mu,)``."""
+        """One Adam (or SGD) step on ``mu`` from the (guided) network output at this frame; returns ``(mu,)``."""
         frame = self.last_frame
         if frame is None:
             raise ValueError("RedDiffSolver.step needs the frame of this step (run it through gen.sampling.denoise)")
@@ -344,6 +351,7 @@ def red_diff(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: Callable | None = None,
+    optimizer: str = "adam",
 ) -> torch.Tensor:
     """RED-Diff (Algorithm 1 of Mardani et al. 2024), batched, through the sampling core (:class:`RedDiffSolver`).
 
@@ -362,13 +370,20 @@ def red_diff(
         decode: optional map ``mu -> image`` before ``H`` (latent RED-Diff: the VAE decoder; differentiated).
         callback: ``callback(i, t, mu)`` after each step.
         progress: optional wrapper of the step iterator (e.g. a pipeline's ``progress_bar``).
+        optimizer: ``"adam"`` (Algorithm 1 and the reference code; ``adam_betas``) or ``"sgd"`` (plain gradient
+            steps ``mu <- mu - lr grad`` on the same loss). Adam normalises each coordinate, so on pixels the data
+            term does not see (inpainting holes) ``lam`` drops out and every step moves them by about ``lr``. With
+            SGD the regulariser step is ``lr lambda_t (eps_hat - eps)``, and since ``eps_hat - eps ~ (alpha_t /
+            sigma_t) (mu - x0_hat(x_t))``, ``weighting="linear"`` with ``lr * lam = 1`` moves unseen pixels to the
+            denoiser's estimate ``x0_hat`` at every step (an annealed denoising of ``mu``).
     Returns:
         the final ``mu`` (detached), same shape as ``x_init``.
     """
     from gen.sampling import CallableAdapter
 
     solver = RedDiffSolver(operator, y, x_init, schedule, timesteps, "epsilon", lr=lr, lam=lam, weighting=weighting,
-                           obs_weight=obs_weight, adam_betas=adam_betas, generator=generator, decode=decode)
+                           obs_weight=obs_weight, adam_betas=adam_betas, generator=generator, decode=decode,
+                           optimizer=optimizer)
     return run_red_diff(CallableAdapter(eps_fn), solver, callback=callback, progress=progress)
 
 

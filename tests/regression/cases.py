@@ -61,7 +61,8 @@ def teacher_apg():
 def teacher_ag():
     from gen.guidance import CFG, AdaptiveGuidance
 
-    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=0.999, min_steps=4)
+    ag = AdaptiveGuidance(inner=CFG(guidance_scale=3.0), gamma_bar=0.999, min_steps=4, criterion="eps_cosine",
+                          after_switch="cond", refresh_every=0)  # the rule recorded before issue 17's defaults
     return _teacher()(class_labels=LABELS, num_inference_steps=10, guider=ag, generator=_g(),
                       output_type="pt").images
 
