@@ -132,6 +132,14 @@ def one_step_student():
     return pipe(class_labels=LABELS, generator=_g(), output_type="pt").images
 
 
+def one_step_flow_student():
+    """The one-step student distilled from the digits interpolant (shipped after the sampling core landed)."""
+    from pipelines import OneStepPipeline
+
+    pipe = _quiet(OneStepPipeline.from_pretrained(CKPT / "digits-interpolant-fdistill"))
+    return pipe(class_labels=LABELS, generator=_g(), output_type="pt").images
+
+
 def _inverse_setup(sigma_y=0.05):
     from gen.data.digits import load_digits16
     from gen.inverse import Inpainting
@@ -195,7 +203,7 @@ CASES: dict[str, Callable[[], torch.Tensor]] = {
         teacher_cfg_scale, teacher_cfg_guider, teacher_apg, teacher_ag, teacher_eta_unguided,
         gbm_ddim, gbm_dls, gbm_ddim_cfg,
         interpolant_ode_w2, interpolant_ode_cfg_guider, interpolant_sde, interpolant_bridge,
-        one_step_student, reddiff_box, dps_box,
+        one_step_student, one_step_flow_student, reddiff_box, dps_box,
         alignprop_lora, alignprop_sample_with_grad, tiny_sd_cfg,
     )
 }
