@@ -154,9 +154,16 @@ def _fdistill(out: Path, settings) -> dict:
     return demo_section(out, settings)
 
 
+def _fdistill_flow(out: Path, settings) -> dict:
+    from gen.evaluation.fdistill_flow import demo_section
+
+    return demo_section(out, settings)
+
+
 # name -> section, in the order `make demo` runs them
 SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _families, "inverse": _inverse,
-            "gbm": _gbm, "interpolants": _interpolants, "fdistill": _fdistill, "alignprop": _alignprop}
+            "gbm": _gbm, "interpolants": _interpolants, "fdistill": _fdistill, "fdistill_flow": _fdistill_flow,
+            "alignprop": _alignprop}
 
 
 def run(settings: DemoSettings, sections: dict | None = None) -> dict:

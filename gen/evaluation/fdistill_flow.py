@@ -21,10 +21,11 @@ import logging
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from gen.evaluation import option, output_path, repo_path
+from gen.evaluation import REPO_ROOT, option, output_path, repo_path
 
 logger = logging.getLogger("gen.evaluation.fdistill_flow")
 
@@ -161,3 +162,36 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']:g} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
                      f"{100 * r['class_accuracy_mean']:.1f} % | {r['samples_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def demo_section(out: Path, settings) -> dict:
+    """`make demo`: the shipped one-step flow student (``checkpoints/digits-interpolant-fdistill``) beside its teacher,
+    the digits interpolant's ODE (Heun, 8 network evaluations; 2 with ``quick``), from the same noise, one row of
+    ten classes each, and the time for 100 images of each."""
+    from gen.data.images import save_labelled_grid
+    from gen.evaluation.demo import size
+    from pipelines import InterpolantPipeline, OneStepPipeline
+
+    t0 = time.time()
+    steps = size(settings, 4, 1)  # Heun: 2 evaluations per step
+    student = OneStepPipeline.from_pretrained(REPO_ROOT / "checkpoints" / "digits-interpolant-fdistill")
+    teacher = InterpolantPipeline.from_pretrained(REPO_ROOT / "checkpoints" / "digits-interpolant")
+    for p in (student, teacher):
+        p.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat(10)
+    timings, rows = {}, []
+    for name, pipe, kw in (("student", student, {}),
+                           ("ode", teacher, {"sampler": "ode", "method": "heun", "num_inference_steps": steps})):
+        t1 = time.perf_counter()
+        images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(settings.seed), output_type="pt",
+                      **kw).images
+        timings[name] = time.perf_counter() - t1
+        rows.append(images[:10])
+    path = save_labelled_grid(torch.cat(rows), out / "fdistill_flow.png", nrow=10, upscale=4,
+                              title="digits interpolant: one-step f-distill student vs its ODE (same noise)",
+                              row_labels=["student, 1 NFE", f"ODE Heun, {2 * steps} NFE"],
+                              col_labels=[str(c) for c in range(10)])
+    logger.info("wrote %s; 100 images: student %.2f s, ODE %d NFE %.2f s", path, timings["student"], 2 * steps,
+                timings["ode"])
+    return {"grid": str(path), "ode_nfe": 2 * steps, "student_s_per_100": round(timings["student"], 3),
+            "ode_s_per_100": round(timings["ode"], 3), "wall_time_s": round(time.time() - t0, 1)}
