@@ -10,19 +10,12 @@ The work is done by ``gen.evaluation.alignprop_families``: writes JSON and print
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.alignprop_families import AlignPropFamiliesSettings, markdown, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(AlignPropFamiliesSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(markdown(result))
-    return result
+    return run_benchmark(AlignPropFamiliesSettings, run, markdown, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,12 @@ BENCHMARKS.md) under ``--out``.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.bench_fdistill import BenchFDistillSettings, markdown, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(BenchFDistillSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(markdown(result))
-    return result
+    return run_benchmark(BenchFDistillSettings, run, markdown, argv, __doc__)
 
 
 if __name__ == "__main__":

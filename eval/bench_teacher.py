@@ -7,19 +7,12 @@ The work is done by ``gen.evaluation.bench_teacher``: writes JSON and prints mar
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.bench_teacher import BenchTeacherSettings, markdown, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(BenchTeacherSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(markdown(result))
-    return result
+    return run_benchmark(BenchTeacherSettings, run, markdown, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,12 @@ markdown rows for BENCHMARKS.md.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.fdistill import FDistillEvalSettings, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(FDistillEvalSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(result["markdown"])
-    return result
+    return run_benchmark(FDistillEvalSettings, run, lambda result: result["markdown"], argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,12 @@ The work is done by ``gen.evaluation.guidance``: writes ``results.json``, ``rows
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.guidance import GuidanceSettings, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(GuidanceSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(result["markdown"])
-    return result
+    return run_benchmark(GuidanceSettings, run, lambda result: result["markdown"], argv, __doc__)
 
 
 if __name__ == "__main__":

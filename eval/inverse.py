@@ -13,19 +13,12 @@ by ``gen.evaluation.inverse`` (its docstring lists the tasks, metrics and output
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gen.cli import parse_settings, run_main
+from gen.cli import run_benchmark, run_main
 from gen.evaluation.inverse import InverseSettings, run
 
 
 def main(argv=None) -> dict:
-    settings = parse_settings(InverseSettings, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(settings, command=" ".join(["python", *sys.argv]))
-    print(result["markdown"])
-    return result
+    return run_benchmark(InverseSettings, run, lambda result: result["markdown"], argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What every script shares: ``run_main`` (bad input, a ``ValueError``, is one line and exit code 2) and
-``parse_settings`` (a settings dataclass from ``gen.evaluation`` as command-line options)."""
+"""What every script shares: ``run_main`` (bad input, a ``ValueError``, is one line and exit code 2),
+``parse_settings`` (a settings dataclass from ``gen.evaluation`` as command-line options) and ``run_benchmark``
+(the whole body of a thin ``eval/`` script)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ def run_main(main, argv=None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_benchmark(settings_cls, run, report, argv=None, description: str | None = None) -> dict:
+    """What a thin ``eval/`` script does: parse ``argv`` into ``settings_cls``, log at INFO, call
+    ``run(settings, command=...)`` with the command line as typed, print ``report(result)`` (markdown rows) and
+    return the result."""
+    import logging
+
+    settings = parse_settings(settings_cls, argv, description)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run(settings, command=" ".join(["python", *sys.argv]))
+    print(report(result))
+    return result
 
 
 def parse_settings(cls, argv=None, description: str | None = None, prog: str | None = None):
