@@ -2,9 +2,9 @@
 
     python eval/fdistill.py --toy --divergences rkl fkl js alpha:0.5 alpha:1.5 --out outputs/fdistill/toy.json
     python eval/fdistill.py --digits --student checkpoints/digits-fdistill-js --out outputs/fdistill/digits.json
-    python eval/fdistill.py --students x0=runs/digits-fdistill-js-x0/checkpoints/checkpoint-600 \\
+    python eval/fdistill.py --students run=runs/digits-fdistill-js/checkpoints/checkpoint-2000 \\
         shipped=checkpoints/digits-fdistill-js --eval_seeds 0 1 2 --out outputs/fdistill/ablation.json
-    python eval/fdistill.py --curve runs/digits-fdistill-js-x0 --teacher_ref outputs/fdistill/digits.json \\
+    python eval/fdistill.py --curve runs/digits-fdistill-js --teacher_ref outputs/fdistill/digits.json \\
         --out outputs/fdistill/curve.json
 
 A student is a ``OneStepPipeline`` folder or a training checkpoint ``RUN/checkpoints/checkpoint-N`` of

@@ -2,7 +2,7 @@
 checkpoint of ``train/fdistill.py`` (to follow a run while it trains, or to compare its kept checkpoints).
 
     pipe = load_student("checkpoints/digits-fdistill-js")                                # an exported folder
-    pipe = load_student("runs/digits-fdistill-js-x0/checkpoints/checkpoint-600")         # EMA weights of a run
+    pipe = load_student("runs/digits-fdistill-js/checkpoints/checkpoint-2000")         # EMA weights of a run
     pipe = load_student("runs/x/checkpoints/checkpoint-600", teacher="checkpoints/digits-teacher")
 
 A training checkpoint (``gen.training.checkpoint``: ``state.json`` plus safetensors shards written by
