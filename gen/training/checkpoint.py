@@ -25,7 +25,6 @@ load, so resuming one needs ``trust_deepspeed_checkpoint``; it does not reshard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from gen.checkpoints import sha256
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,6 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify_files(path, state: dict) -> None:
     """Check every file a checkpoint's ``state.json`` lists against its sha256 (safetensors has no checksum of its
     data: flipped bytes would load as wrong weights)."""
@@ -116,7 +112,7 @@ def verify_files(path, state: dict) -> None:
         f = path / name
         if not f.is_file():
             raise ValueError(f"cannot resume from {str(path)!r}: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256(f) != digest:
             raise ValueError(f"cannot resume from {str(path)!r}: {name} is corrupt (its sha256 differs from the one "
                              "recorded when it was written)")
 
@@ -184,7 +180,7 @@ class CheckpointManager:
             extra_files(tmp if accelerator.is_main_process else None)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state["files"] = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            state["files"] = {str(f.relative_to(tmp)): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
             atomic_write_text(tmp / STATE_FILE, json.dumps(_json_safe(state), indent=1))
             if final.exists():  # the same step saved again (a resumed run re-reaching its end)
                 old = self.root / f"checkpoint-{step}.tmp-old"
