@@ -530,7 +530,7 @@ def digits_rows(result: dict) -> str:
 
 
 def side_by_side(student, teacher, path: Path, seed: int, teacher_steps: int) -> str:
-    from gen.data.images import save_grid
+    from gen.data.images import save_labelled_grid
     from pipelines import OneStepPipeline
 
     labels = torch.arange(10).repeat_interleave(6)
@@ -543,7 +543,11 @@ def side_by_side(student, teacher, path: Path, seed: int, teacher_steps: int) ->
     c = init(class_labels=labels, output_type="pt", generator=torch.Generator().manual_seed(seed)).images
     # per class: 6 student samples | 6 teacher samples at teacher_steps | the teacher's one-step x0 (student init)
     rows = [torch.cat([a[i * 6:(i + 1) * 6], b[i * 6:(i + 1) * 6], c[i * 6:(i + 1) * 6]]) for i in range(10)]
-    return str(save_grid(torch.cat(rows) * 2 - 1, path, nrow=18, upscale=4))
+    cols = ["student", *[""] * 5, f"teacher, {teacher_steps} steps", *[""] * 5, "teacher x0", *[""] * 5]
+    title = (f"per class (rows): 6 one-step student samples | 6 teacher samples at {teacher_steps} DDIM steps | "
+             "6 one-step x0 estimates of the teacher (the student's start), same noise")
+    return str(save_labelled_grid(torch.cat(rows) * 2 - 1, path, nrow=18, upscale=4,
+                                  row_labels=[str(c) for c in range(10)], col_labels=cols, title=title))
 
 
 def _digits_plot(rows, path: Path) -> str | None:
