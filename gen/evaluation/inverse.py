@@ -486,7 +486,7 @@ def _flow(d: dict) -> str:
 def plot(examples, path: Path, methods) -> Path:
     """One block per (task, sigma_y): rows measurement / pinv / DPS / RED-Diff / ground truth, one column per
     example image; blocks side by side."""
-    from gen.data.images import save_grid
+    from gen.data.images import save_labelled_grid
 
     order = ["measurement"] + [m for m in ("pinv", "dps", "reddiff") if m in methods] + ["truth"]
     blocks = []
@@ -503,7 +503,12 @@ def plot(examples, path: Path, methods) -> Path:
             parts.append(torch.ones_like(block[0][:1]))  # a white separator column
         rows.append(torch.cat(parts))
     ncol = rows[0].shape[0]
-    return save_grid(torch.cat(rows), path, nrow=ncol, upscale=3)
+    names = {"measurement": "measurement", "pinv": "pinv", "dps": "DPS", "reddiff": "RED-Diff", "truth": "truth"}
+    cols = []
+    for block, key in blocks:  # the block's (task, sigma_y) over its first column, then blanks and the separator
+        cols += [f"{key[0]}, sigma_y {key[1]:g}"] + [""] * (block.shape[1] - 1) + [""]
+    return save_labelled_grid(torch.cat(rows), path, nrow=ncol, upscale=3, row_labels=[names[o] for o in order],
+                              col_labels=cols, title="example restorations (columns: task, sigma_y; rows: method)")
 
 
 def markdown_rows(rows) -> str:
