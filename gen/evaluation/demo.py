@@ -8,6 +8,7 @@ in order and :func:`run` runs them (``only``: a subset).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import time
@@ -118,52 +119,21 @@ def section_guidance(out: Path, settings) -> dict:
     return {"grid": str(path), **result["ag"]}
 
 
-def _gbm(out: Path, settings) -> dict:
-    from gen.evaluation.gbm import demo_section
+def _lazy(module: str):
+    """The section ``gen.evaluation.<module>.demo_section``, imported only when it runs (so that ``--only`` loads
+    only what it needs)."""
 
-    return demo_section(out, settings)
+    def section(out: Path, settings) -> dict:
+        return importlib.import_module(f"gen.evaluation.{module}").demo_section(out, settings)
 
-
-def _interpolants(out: Path, settings) -> dict:
-    from gen.evaluation.interpolants import demo_section
-
-    return demo_section(out, settings)
-
-
-def _families(out: Path, settings) -> dict:
-    from gen.evaluation.bench_sampling import demo_section
-
-    return demo_section(out, settings)
-
-
-def _alignprop(out: Path, settings) -> dict:
-    from gen.evaluation.alignprop import demo_section
-
-    return demo_section(out, settings)
-
-
-def _inverse(out: Path, settings) -> dict:
-    from gen.evaluation.inverse import demo_section
-
-    return demo_section(out, settings)
-
-
-def _fdistill(out: Path, settings) -> dict:
-    from gen.evaluation.fdistill import demo_section
-
-    return demo_section(out, settings)
-
-
-def _fdistill_flow(out: Path, settings) -> dict:
-    from gen.evaluation.fdistill_flow import demo_section
-
-    return demo_section(out, settings)
+    section.__name__ = section.__qualname__ = f"section_{module}"
+    return section
 
 
 # name -> section, in the order `make demo` runs them
-SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _families, "inverse": _inverse,
-            "gbm": _gbm, "interpolants": _interpolants, "fdistill": _fdistill, "fdistill_flow": _fdistill_flow,
-            "alignprop": _alignprop}
+SECTIONS = {"teacher": section_teacher, "guidance": section_guidance, "families": _lazy("bench_sampling"),
+            "inverse": _lazy("inverse"), "gbm": _lazy("gbm"), "interpolants": _lazy("interpolants"),
+            "fdistill": _lazy("fdistill"), "fdistill_flow": _lazy("fdistill_flow"), "alignprop": _lazy("alignprop")}
 
 
 def run(settings: DemoSettings, sections: dict | None = None) -> dict:
